@@ -1,0 +1,76 @@
+"""Gradient modes: how the charges returned by a solver are differentiated.
+
+- ``unrolled``: through every iteration of the solver. The forces are then the exact derivative
+  of the energy that is reported, for any number of iterations K (the start depends on the
+  geometry only).
+- ``implicit``: implicit-function theorem at the solution of the KKT system
+  [[H, −C], [−Cᵀ, 0]] (q, λ) = (−χ, −Q), through ``jax.lax.custom_linear_solve``: memory independent
+  of K, exact when the solve converged (check ``Diagnostics.converged``), differentiable to any order.
+- ``envelope``: charges held fixed (Hellmann–Feynman). Exact only at the exact minimiser.
+
+Each mode is a frozen strategy with ``charges(solver, problem) -> (q, Diagnostics)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from .constraints import fragment_means, fragment_sums
+from .errors import QEqInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class Unrolled:
+    name: str = "unrolled"
+
+    def charges(self, solver, problem):
+        return solver.run(problem)
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    name: str = "envelope"
+
+    def charges(self, solver, problem):
+        q, diagnostics = solver.run(problem)
+        return jax.lax.stop_gradient(q), diagnostics
+
+
+@dataclasses.dataclass(frozen=True)
+class Implicit:
+    name: str = "implicit"
+
+    def charges(self, solver, problem):
+        h, frags, n_f = problem.hardness, problem.fragments, problem.n_fragments
+        n = problem.chi.shape[0]
+
+        # (q, λ) as one flat vector: JAX transposes a one-leaf right-hand side cleanly.
+        def kkt(x):
+            q, lam = x[:n], x[n:]
+            per_atom = jnp.where(frags >= 0, lam[jnp.maximum(frags, 0)], 0.0)
+            return jnp.concatenate([h.matvec(q) - per_atom, -fragment_sums(q, frags, n_f)])
+
+        def solve(_, b):
+            b_q, b_lam = b[:n], b[n:]
+            q, diagnostics = solver.run(problem._replace(chi=-b_q, targets=-b_lam))
+            lam = fragment_means(h.matvec(q) - b_q, frags, n_f)
+            return jnp.concatenate([q, lam]), diagnostics
+
+        rhs = jnp.concatenate([-problem.chi, -problem.targets])
+        x, diagnostics = jax.lax.custom_linear_solve(kkt, rhs, solve, symmetric=True, has_aux=True)
+        return x[:n], diagnostics
+
+
+GRADIENTS = {"unrolled": Unrolled, "implicit": Implicit, "envelope": Envelope}
+
+
+def get_gradient(name):
+    """A gradient mode by name (a mode object is returned as is)."""
+    if not isinstance(name, str):
+        return name
+    if name not in GRADIENTS:
+        raise QEqInputError(f"unknown gradient mode '{name}' (valid: {', '.join(GRADIENTS)})")
+    return GRADIENTS[name]()

@@ -1,0 +1,110 @@
+"""Coulomb kernels K_ij(r): how two charge distributions couple (in units of the Coulomb constant).
+
+H_ij = k_e K_ij(r_ij) off the diagonal; H_ii = J_i + k_e S_i with S_i the kernel's self term.
+r in Å, K in 1/Å. Each kernel is a small frozen strategy object naming the parameter keys it needs.
+
+- ``gaussian``: erf(r / (√2 γ_ij)) / r with γ_ij = √(σ_i² + σ_j²); self term 1 / (σ_i √π).
+- ``reaxff``: Tap(r) / (r³ + (γ_i γ_j)^(-3/2))^(1/3), Tap the 7th-order taper of LAMMPS
+  ``fix qeq/reaxff`` with lower radius 0 and upper radius ``cutoff``.
+- ``point``: 1/r, optionally multiplied by the same taper inside ``cutoff``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from jax.scipy.special import erf
+
+from .errors import QEqInputError
+
+#: Default cutoff of the reaxff kernel (Å), the usual ReaxFF/LAMMPS choice.
+REAXFF_DEFAULT_CUTOFF = 10.0
+
+
+def taper(r, cutoff):
+    """7th-order taper 20x⁷ − 70x⁶ + 84x⁵ − 35x⁴ + 1, x = r/cutoff; zero beyond the cutoff.
+    Value and first three derivatives are 1, 0, 0, 0 at r = 0 and 0, 0, 0, 0 at the cutoff."""
+    x = jnp.minimum(r / cutoff, 1.0)
+    x4 = x**4
+    return (((20.0 * x - 70.0) * x + 84.0) * x - 35.0) * x4 + 1.0
+
+
+def _check_cutoff(name, cutoff):
+    if cutoff is not None and not (math.isfinite(cutoff) and cutoff > 0):
+        raise QEqInputError(f"{name} kernel: cutoff must be a positive number of Å, got {cutoff}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gaussian:
+    """Spherical Gaussian charge densities of width σ (4G-HDNNP / kQEq form). No cutoff."""
+
+    cutoff: None = None
+    name: str = "gaussian"
+    required: tuple = ("chi", "hardness", "sigma")
+
+    def __post_init__(self):
+        if self.cutoff is not None:
+            raise QEqInputError("gaussian kernel: free-space sums take all pairs; use cutoff=None")
+
+    def coupling(self, params, si, sj, r):
+        s_i, s_j = params.sigma[si], params.sigma[sj]
+        g = jnp.sqrt(s_i**2 + s_j**2)
+        return erf(r / (math.sqrt(2.0) * g)) / r
+
+    def self_term(self, params, s):
+        return 1.0 / (params.sigma[s] * math.sqrt(math.pi))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaxFF:
+    """Shielded Coulomb of ReaxFF / LAMMPS ``fix qeq/reaxff`` and ``fix qeq/shielded``."""
+
+    cutoff: float = REAXFF_DEFAULT_CUTOFF
+    name: str = "reaxff"
+    required: tuple = ("chi", "hardness", "gamma")
+
+    def __post_init__(self):
+        _check_cutoff(self.name, self.cutoff)
+        if self.cutoff is None:
+            raise QEqInputError("reaxff kernel needs a cutoff (Å); the taper is defined by it")
+
+    def coupling(self, params, si, sj, r):
+        shield = (params.gamma[si] * params.gamma[sj]) ** -1.5
+        return taper(r, self.cutoff) / jnp.cbrt(r**3 + shield)
+
+    def self_term(self, params, s):
+        return jnp.zeros(s.shape, params.hardness.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """Bare point charges 1/r, tapered to zero at ``cutoff`` when one is given."""
+
+    cutoff: float | None = None
+    name: str = "point"
+    required: tuple = ("chi", "hardness")
+
+    def __post_init__(self):
+        _check_cutoff(self.name, self.cutoff)
+
+    def coupling(self, params, si, sj, r):
+        k = 1.0 / r
+        return k if self.cutoff is None else k * taper(r, self.cutoff)
+
+    def self_term(self, params, s):
+        return jnp.zeros(s.shape, params.hardness.dtype)
+
+
+KERNELS = {"gaussian": Gaussian, "reaxff": ReaxFF, "point": Point}
+
+
+def get_kernel(name, cutoff=None):
+    """A kernel by name; ``cutoff`` None picks the kernel's default."""
+    if not isinstance(name, str):
+        return name
+    if name not in KERNELS:
+        raise QEqInputError(f"unknown kernel '{name}' (valid: {', '.join(KERNELS)})")
+    cls = KERNELS[name]
+    return cls() if cutoff is None else cls(cutoff=cutoff)

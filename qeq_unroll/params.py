@@ -1,0 +1,276 @@
+"""Parameters of the charge model: per-element QEq terms and short-range pair terms.
+
+Units: energies in eV, lengths in Å, the reaxff shielding ``gamma`` in 1/Å.
+
+``Params`` is a JAX pytree: its float arrays are leaves (differentiable, fittable); the element
+symbols, the Slater principal quantum numbers, the pair forms and the set's name are static.
+An element may lack a key that no kernel in use needs: such entries are NaN and are dropped again
+on save, so a JSON file round-trips losslessly.
+
+JSON layout (DESIGN.md §3)::
+
+    {"name": "my-set",
+     "elements": {"Na": {"chi": 2.843, "hardness": 4.592, "sigma": 1.0, "gamma": 0.7,
+                         "radius": 2.085, "n": 3}, ...},
+     "pairs": {"Cl-Na": {"born_mayer": {"A": 1000.0, "rho": 0.3}}, ...}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import QEqInputError
+
+#: Per-element float keys, in the order of the ``Params`` fields.
+ELEMENT_FLOAT_KEYS = ("chi", "hardness", "sigma", "gamma", "radius")
+#: Keys that must be strictly positive where present.
+POSITIVE_KEYS = ("hardness", "sigma", "gamma", "radius")
+#: Pair forms and their coefficients: E(r) in eV, r in Å.
+PAIR_FORMS = {
+    "born_mayer": ("A", "rho"),  # A exp(-r/rho)
+    "buckingham": ("A", "rho", "C"),  # A exp(-r/rho) - C / r^6
+    "morse": ("D", "a", "r0"),  # D [(1 - exp(-a (r - r0)))^2 - 1]
+}
+#: Pair coefficients that must be strictly positive.
+POSITIVE_PAIR_KEYS = ("rho", "a", "r0", "D")
+_TOP_KEYS = ("name", "reference", "notes", "elements", "pairs")
+
+
+def pair_key(a: str, b: str) -> str:
+    """The canonical key of an element pair: the two symbols in alphabetical order, '-'-joined."""
+    return "-".join(sorted((a, b)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Per-element arrays of shape ``(n_elements,)`` indexed like ``elements``; NaN = not given.
+
+    chi: electronegativity χ (eV/e). hardness: J, the diagonal of H before kernel self terms (eV/e²).
+    sigma: gaussian charge width (Å). gamma: reaxff shielding (1/Å). radius: Slater radius R (Å).
+    n: Slater principal quantum number (static; 0 = not given).
+    pairs: ``{"Cl-Na": {"born_mayer": {"A": array, "rho": array}}}``, arrays are scalars.
+    """
+
+    elements: tuple[str, ...]
+    chi: jax.Array
+    hardness: jax.Array
+    sigma: jax.Array
+    gamma: jax.Array
+    radius: jax.Array
+    n: tuple[int, ...] = ()
+    pairs: Mapping[str, Mapping[str, Mapping[str, jax.Array]]] = dataclasses.field(default_factory=dict)
+    name: str = "unnamed"
+    reference: str = ""
+    notes: str = ""
+
+    # --- lookups -------------------------------------------------------------------------------
+    def species_indices(self, symbols: Sequence[str]) -> np.ndarray:
+        """Map chemical symbols to indices into ``elements``; unknown symbols are an error."""
+        index = {e: i for i, e in enumerate(self.elements)}
+        missing = sorted({s for s in symbols if s not in index})
+        if missing:
+            raise QEqInputError(
+                f"element(s) {', '.join(missing)} missing from parameter set '{self.name}' "
+                f"(it has {', '.join(self.elements)})"
+            )
+        return np.asarray([index[s] for s in symbols], dtype=np.int32)
+
+    def require(self, keys: Sequence[str], species: Sequence[int] | None = None) -> None:
+        """Check that every element in use has finite values for ``keys`` and positive ones where
+        physics demands it. Raises :class:`QEqInputError` naming the element, key and set."""
+        used = range(len(self.elements)) if species is None else sorted(set(int(s) for s in species))
+        for key in keys:
+            if key == "n":
+                for i in used:
+                    if not 1 <= self.n[i] <= 7:
+                        raise QEqInputError(
+                            f"parameter 'n' of element {self.elements[i]} in set '{self.name}' "
+                            f"is missing or not a principal quantum number 1..7"
+                        )
+                continue
+            values = np.asarray(getattr(self, key), dtype=float)
+            for i in used:
+                v = values[i]
+                if not math.isfinite(v):
+                    raise QEqInputError(
+                        f"parameter '{key}' of element {self.elements[i]} is missing from set '{self.name}'"
+                    )
+                if key in POSITIVE_KEYS and v <= 0:
+                    raise QEqInputError(
+                        f"parameter '{key}' of element {self.elements[i]} in set '{self.name}' "
+                        f"must be positive, got {v}"
+                    )
+
+    def replace(self, **changes) -> "Params":
+        return dataclasses.replace(self, **changes)
+
+    # --- (de)serialisation ---------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Params":
+        """Build from the JSON layout; unknown or missing keys are errors naming them."""
+        name = str(data.get("name", "unnamed"))
+        unknown = set(data) - set(_TOP_KEYS)
+        if unknown:
+            raise QEqInputError(f"unknown top-level key(s) {sorted(unknown)} in parameter set '{name}'")
+        if not data.get("elements"):
+            raise QEqInputError(f"parameter set '{name}' has no 'elements'")
+        elements = tuple(data["elements"])
+        columns = {k: [] for k in ELEMENT_FLOAT_KEYS}
+        ns = []
+        for el in elements:
+            entry = data["elements"][el]
+            bad = set(entry) - set(ELEMENT_FLOAT_KEYS) - {"n"}
+            if bad:
+                raise QEqInputError(
+                    f"unknown key(s) {sorted(bad)} for element {el} in parameter set '{name}' "
+                    f"(valid: {', '.join(ELEMENT_FLOAT_KEYS + ('n',))})"
+                )
+            for k in ("chi", "hardness"):
+                if k not in entry:
+                    raise QEqInputError(f"parameter '{k}' of element {el} is missing from set '{name}'")
+            for k in ELEMENT_FLOAT_KEYS:
+                columns[k].append(float(entry.get(k, math.nan)))
+            ns.append(int(entry.get("n", 0)))
+        pairs = {}
+        for key, forms in (data.get("pairs") or {}).items():
+            parts = key.split("-")
+            if len(parts) != 2 or pair_key(*parts) != key:
+                raise QEqInputError(
+                    f"pair key '{key}' in set '{name}' must be two symbols in alphabetical order, "
+                    f"e.g. '{pair_key(*parts) if len(parts) == 2 else 'Cl-Na'}'"
+                )
+            for el in parts:
+                if el not in elements:
+                    raise QEqInputError(f"pair '{key}' in set '{name}' names element {el} with no entry")
+            pairs[key] = {}
+            for form, coeffs in forms.items():
+                if form not in PAIR_FORMS:
+                    raise QEqInputError(
+                        f"unknown pair form '{form}' for '{key}' in set '{name}' "
+                        f"(valid: {', '.join(PAIR_FORMS)})"
+                    )
+                need = PAIR_FORMS[form]
+                if set(coeffs) != set(need):
+                    raise QEqInputError(
+                        f"pair '{key}' form '{form}' in set '{name}' needs exactly {list(need)}, "
+                        f"got {sorted(coeffs)}"
+                    )
+                for c in need:
+                    v = float(coeffs[c])
+                    if not math.isfinite(v) or (c in POSITIVE_PAIR_KEYS and v <= 0):
+                        raise QEqInputError(
+                            f"pair '{key}' form '{form}' coefficient '{c}' in set '{name}' "
+                            f"must be {'positive' if c in POSITIVE_PAIR_KEYS else 'finite'}, got {v}"
+                        )
+                pairs[key][form] = {c: jnp.asarray(float(coeffs[c])) for c in need}
+        params = cls(
+            elements=elements,
+            n=tuple(ns),
+            pairs=pairs,
+            name=name,
+            reference=str(data.get("reference", "")),
+            notes=str(data.get("notes", "")),
+            **{k: jnp.asarray(np.asarray(v, dtype=np.float64)) for k, v in columns.items()},
+        )
+        params.require(("chi", "hardness"))
+        _check_optional_positive(params)
+        return params
+
+    def to_dict(self) -> dict:
+        """The JSON layout; NaN (absent) entries are left out."""
+        elements = {}
+        cols = {k: np.asarray(getattr(self, k), dtype=float) for k in ELEMENT_FLOAT_KEYS}
+        for i, el in enumerate(self.elements):
+            entry = {k: float(cols[k][i]) for k in ELEMENT_FLOAT_KEYS if math.isfinite(cols[k][i])}
+            if self.n and self.n[i]:
+                entry["n"] = int(self.n[i])
+            elements[el] = entry
+        pairs = {
+            key: {form: {c: float(v) for c, v in coeffs.items()} for form, coeffs in forms.items()}
+            for key, forms in self.pairs.items()
+        }
+        out = {"name": self.name}
+        out.update({k: getattr(self, k) for k in ("reference", "notes") if getattr(self, k)})
+        out["elements"] = elements
+        if pairs:
+            out["pairs"] = pairs
+        return out
+
+
+def _check_optional_positive(params: Params) -> None:
+    for key in POSITIVE_KEYS:
+        values = np.asarray(getattr(params, key), dtype=float)
+        for i, v in enumerate(values):
+            if math.isfinite(v) and v <= 0:
+                raise QEqInputError(
+                    f"parameter '{key}' of element {params.elements[i]} in set '{params.name}' "
+                    f"must be positive, got {v}"
+                )
+
+
+jax.tree_util.register_dataclass(
+    Params,
+    data_fields=["chi", "hardness", "sigma", "gamma", "radius", "pairs"],
+    meta_fields=["elements", "n", "name", "reference", "notes"],
+)
+
+
+def builtin_sets() -> list[str]:
+    """Names of the parameter sets shipped with the package."""
+    return sorted(p.name[:-5] for p in resources.files("qeq_unroll.data").iterdir() if p.name.endswith(".json"))
+
+
+def load_params(source: "str | os.PathLike | Params | Mapping") -> Params:
+    """A ``Params`` from a built-in set name, a JSON file path, a dict, or a ``Params`` (returned as is)."""
+    if isinstance(source, Params):
+        return source
+    if isinstance(source, Mapping):
+        return Params.from_dict(source)
+    text = str(source)
+    if text in builtin_sets():
+        data = json.loads(resources.files("qeq_unroll.data").joinpath(text + ".json").read_text())
+        return Params.from_dict(data)
+    path = Path(text)
+    if not path.is_file():
+        raise QEqInputError(
+            f"parameters '{text}': neither a built-in set ({', '.join(builtin_sets())}) nor a file"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QEqInputError(f"parameter file {path} is not valid JSON: {exc}") from exc
+    return Params.from_dict(data)
+
+
+def write_atomic(path: "str | os.PathLike", text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so a
+    crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_params(params: Params, path: "str | os.PathLike") -> None:
+    """Write ``params`` as JSON (atomically)."""
+    write_atomic(path, json.dumps(params.to_dict(), indent=2) + "\n")
