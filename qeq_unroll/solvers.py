@@ -105,21 +105,16 @@ class _Iterative:
     def init(self, problem):
         raise NotImplementedError
 
-    def step(self, problem, setup, state, k):
+    def step(self, problem, state, k):
         """One iteration: ``(state, residual, positive_definite)``."""
         raise NotImplementedError
 
     def charges(self, state):
         return state[0]
 
-    def setup(self, problem):
-        """Per-solve constants (e.g. a step size) computed before the iterations."""
-        return None
-
     def run(self, problem):
         dtype = problem.chi.dtype
         threshold = jnp.maximum(jnp.asarray(self.tol, dtype), _floor(dtype))
-        setup = self.setup(problem)
         state, res0 = self.init(problem)
 
         def body(carry, k):
@@ -127,7 +122,7 @@ class _Iterative:
             done = ~(res > threshold)  # NaN counts as done: never iterate on garbage
 
             def advance(state):
-                return self.step(problem, setup, state, k)
+                return self.step(problem, state, k)
 
             def hold(state):
                 return state, res, jnp.asarray(True)
@@ -153,7 +148,7 @@ class CG(_Iterative):
         z = _precondition(r, problem)
         return (q, r, -z, jnp.vdot(r, z)), relative_residual(r, problem)
 
-    def step(self, problem, setup, state, k):
+    def step(self, problem, state, k):
         q, r, p, rz = state
         hp = problem.hardness.matvec(p)
         php = jnp.vdot(p, hp)
@@ -178,7 +173,7 @@ class GD(_Iterative):
         r = tangent(problem.hardness.matvec(q) + problem.chi, problem)
         return (q, r), relative_residual(r, problem)
 
-    def step(self, problem, setup, state, k):
+    def step(self, problem, state, k):
         q, r = state
         z = _precondition(r, problem)
         hz = problem.hardness.matvec(z)
@@ -189,12 +184,13 @@ class GD(_Iterative):
         return (q, r), relative_residual(r, problem), (zhz > 0) | (jnp.vdot(z, z) == 0)
 
 
-def largest_eigenvalue(problem, iterations=20):
-    """Estimate of the largest eigenvalue of the Jacobi-preconditioned H on the constraint plane
-    (power iteration from a fixed, geometry-independent start; a lower bound that converges fast)."""
+def largest_eigenvalue(problem, start, iterations=20):
+    """Estimate of the largest eigenvalue of the Jacobi-preconditioned H on the constraint plane:
+    the Rayleigh quotient after power iterations from ``start`` (a lower bound that converges
+    fast). Started from the solver's first search direction it is equivariant under permutations
+    and covers every direction the iterations can take."""
     diag = jnp.where(problem.fragments >= 0, problem.hardness.diagonal, 0.0)
-    n = problem.chi.shape[0]
-    v = _precondition(tangent(jnp.cos(2.399963 * jnp.arange(n, dtype=problem.chi.dtype)), problem), problem)
+    v = start
 
     def body(v, _):
         v = v / jnp.sqrt(jnp.vdot(v, diag * v) + jnp.finfo(v.dtype).tiny)
@@ -212,16 +208,15 @@ class NAG(_Iterative):
     power_iterations: int = 20
     name: str = dataclasses.field(default="nag", init=False)
 
-    def setup(self, problem):
-        return _safe_div(1.0, 1.1 * largest_eigenvalue(problem, self.power_iterations))
-
     def init(self, problem):
         q = diagonal_start(problem.chi, problem.hardness.diagonal, problem.fragments, problem.targets)
         hq = problem.hardness.matvec(q)
-        return (q, q, hq, hq), relative_residual(tangent(hq + problem.chi, problem), problem)
+        r = tangent(hq + problem.chi, problem)
+        lipschitz = largest_eigenvalue(problem, _precondition(r, problem), self.power_iterations)
+        return (q, q, hq, hq, _safe_div(1.0, 1.1 * lipschitz)), relative_residual(r, problem)
 
-    def step(self, problem, step_size, state, k):
-        q, q_prev, hq, hq_prev = state
+    def step(self, problem, state, k):
+        q, q_prev, hq, hq_prev, step_size = state
         beta = k / (k + 3.0)
         y = q + beta * (q - q_prev)
         hy = hq + beta * (hq - hq_prev)
@@ -229,7 +224,7 @@ class NAG(_Iterative):
         q_new = y - step_size * z
         hq_new = hy - step_size * problem.hardness.matvec(z)
         residual = relative_residual(tangent(hq_new + problem.chi, problem), problem)
-        return (q_new, q, hq_new, hq), residual, step_size > 0
+        return (q_new, q, hq_new, hq, step_size), residual, step_size > 0
 
 
 @dataclasses.dataclass(frozen=True)

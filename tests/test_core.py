@@ -1,0 +1,225 @@
+"""The core against an independent dense reference, finite differences of the reported energy,
+invariances and the charge constraints."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qeq_unroll as qu
+from tests import reference
+
+RNG = np.random.default_rng(7)
+
+
+def params_for_test():
+    """Hard enough that H is positive definite for every kernel on the grids used here."""
+    return qu.Params.from_dict(
+        {
+            "name": "test-set",
+            "elements": {
+                "Na": {"chi": 2.843, "hardness": 14.0, "sigma": 1.2, "gamma": 0.6},
+                "Cl": {"chi": 8.564, "hardness": 16.0, "sigma": 0.9, "gamma": 0.8},
+                "O": {"chi": 8.741, "hardness": 18.0, "sigma": 0.7, "gamma": 1.0},
+            },
+            "pairs": {"Cl-Na": {"born_mayer": {"A": 100.0, "rho": 0.3}}, "Cl-Cl": {"morse": {"D": 0.1, "a": 1.2, "r0": 3.8}}},
+        }
+    )
+
+
+PARAMS = params_for_test()
+
+
+def grid_cluster(n, spacing=3.0, rattle=0.3, seed=0):
+    """n atoms on a rattled cubic grid (Å), three elements."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(n ** (1 / 3)))
+    pts = np.array([(i, j, k) for i in range(side) for j in range(side) for k in range(side)], float)[:n]
+    pos = spacing * pts + rng.normal(0, rattle, (n, 3))
+    species = rng.integers(0, 3, n)
+    return pos, species
+
+
+def kernel_obj(name):
+    return {"gaussian": qu.Gaussian(), "reaxff": qu.ReaxFF(cutoff=8.0), "point": qu.Point(cutoff=9.0)}[name]
+
+
+def ref_widths(name, species):
+    if name == "gaussian":
+        return np.asarray(PARAMS.sigma)[species]
+    return np.asarray(PARAMS.gamma)[species]
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "reaxff", "point"])
+@pytest.mark.parametrize("n", [2, 17, 200])
+def test_dense_reference(kernel, n):
+    pos, species = grid_cluster(n, seed=n)
+    chi = np.asarray(PARAMS.chi)[species]
+    J = np.asarray(PARAMS.hardness)[species]
+    k = kernel_obj(kernel)
+    H = reference.hardness(kernel, pos, chi, J, ref_widths(kernel, species), cutoff=k.cutoff)
+    assert np.linalg.eigvalsh(H).min() > 0
+    q_ref, e_ref = reference.solve(H, chi, total=1.0)
+    system = qu.make_system(pos, species, total_charge=1.0)
+    for solver in (qu.Exact(), qu.CG(tol=1e-13)):
+        e, aux = jax.jit(qu.qeq_energy(k, solver, "unrolled"))(PARAMS, system)
+        np.testing.assert_allclose(aux["charges"], q_ref, rtol=0, atol=1e-10)
+        assert abs(float(aux["e_qeq"]) - e_ref) < 1e-10 * max(1.0, abs(e_ref))
+
+
+def fd_forces(energy, params, system, atoms=None, h=1e-5):
+    """Central differences of the reported energy (eV/Å)."""
+    e_of = jax.jit(lambda pos: energy(params, dataclasses.replace(system, positions=pos))[0])
+    pos = system.positions
+    atoms = range(pos.shape[0]) if atoms is None else atoms
+    out = {}
+    for i in atoms:
+        for d in range(3):
+            out[i, d] = -(e_of(pos.at[i, d].add(h)) - e_of(pos.at[i, d].add(-h))) / (2 * h)
+    return out
+
+
+def max_fd_error(energy, params, system, atoms=None):
+    _, forces, aux = jax.jit(qu.energy_and_forces(energy))(params, system)
+    fd = fd_forces(energy, params, system, atoms)
+    return max(abs(float(v) - float(forces[i, d])) for (i, d), v in fd.items()), aux
+
+
+FD_SYSTEM = qu.make_system(*grid_cluster(10, spacing=2.6, seed=3), total_charge=0.0)
+
+
+@pytest.mark.parametrize("solver_cls", [qu.CG, qu.GD, qu.NAG])
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 50])
+def test_unrolled_forces_are_exact_derivative(solver_cls, k):
+    energy = qu.qeq_energy("gaussian", solver_cls(iterations=k), "unrolled")
+    err, _ = max_fd_error(energy, PARAMS, FD_SYSTEM)
+    assert err < 1e-7
+
+
+@pytest.mark.parametrize("gradient", ["implicit", "envelope", "unrolled"])
+def test_exact_solver_forces(gradient):
+    err, _ = max_fd_error(qu.qeq_energy("gaussian", qu.Exact(), gradient), PARAMS, FD_SYSTEM)
+    assert err < 1e-7
+
+
+@pytest.mark.parametrize("kernel", ["reaxff", "point"])
+@pytest.mark.parametrize("solver,gradient", [(qu.CG(iterations=3), "unrolled"), (qu.CG(tol=1e-13), "implicit")])
+def test_forces_other_kernels(kernel, solver, gradient):
+    err, aux = max_fd_error(qu.qeq_energy(kernel_obj(kernel), solver, gradient), PARAMS, FD_SYSTEM)
+    assert bool(aux["positive_definite"])
+    assert err < 1e-7
+
+
+def test_envelope_with_few_iterations_is_not_the_derivative():
+    """The FD check is not blind: Hellmann–Feynman forces of a 2-step solve are measurably wrong."""
+    err, _ = max_fd_error(qu.qeq_energy("gaussian", qu.CG(iterations=2), "envelope"), PARAMS, FD_SYSTEM)
+    assert err > 1e-4
+
+
+def test_implicit_cg_matches_exact_forces():
+    system = FD_SYSTEM
+    _, f_exact, _ = qu.energy_and_forces(qu.qeq_energy("gaussian", qu.Exact(), "implicit"))(PARAMS, system)
+    _, f_cg, aux = qu.energy_and_forces(qu.qeq_energy("gaussian", qu.CG(tol=1e-12), "implicit"))(PARAMS, system)
+    assert bool(aux["converged"])
+    np.testing.assert_allclose(f_cg, f_exact, atol=1e-9)
+
+
+def rotation(seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    return q * np.sign(np.linalg.det(q))
+
+
+@pytest.mark.parametrize("solver", [qu.CG(iterations=3), qu.NAG(iterations=4), qu.Exact()])
+def test_invariances(solver):
+    pos, species = grid_cluster(15, seed=11)
+    f = jax.jit(qu.energy_and_forces(qu.qeq_energy("gaussian", solver, "unrolled")))
+    e0, f0, a0 = f(PARAMS, qu.make_system(pos, species, total_charge=-1.0))
+    np.testing.assert_allclose(np.sum(f0, axis=0), 0.0, atol=1e-10)
+    # translation
+    e1, f1, a1 = f(PARAMS, qu.make_system(pos + np.array([3.0, -7.0, 11.0]), species, total_charge=-1.0))
+    assert abs(e1 - e0) < 1e-10
+    np.testing.assert_allclose(f1, f0, atol=1e-9)
+    # rotation
+    rot = rotation(5)
+    e2, f2, a2 = f(PARAMS, qu.make_system(pos @ rot.T, species, total_charge=-1.0))
+    assert abs(e2 - e0) < 1e-10
+    np.testing.assert_allclose(f2, np.asarray(f0) @ rot.T, atol=1e-9)
+    np.testing.assert_allclose(a2["charges"], a0["charges"], atol=1e-11)
+    # permutation
+    perm = np.random.default_rng(2).permutation(len(pos))
+    e3, f3, a3 = f(PARAMS, qu.make_system(pos[perm], species[perm], total_charge=-1.0))
+    assert abs(e3 - e0) < 1e-10
+    np.testing.assert_allclose(f3, np.asarray(f0)[perm], atol=1e-9)
+    np.testing.assert_allclose(a3["charges"], np.asarray(a0["charges"])[perm], atol=1e-11)
+
+
+@pytest.mark.parametrize("total", [0.0, 1.0, -2.0])
+@pytest.mark.parametrize("solver", [qu.CG(iterations=1), qu.GD(iterations=1), qu.NAG(iterations=1), qu.CG(), qu.NAG(iterations=7), qu.Exact()])
+def test_total_charge_holds_after_any_k(total, solver):
+    pos, species = grid_cluster(23, seed=4)
+    _, aux = qu.qeq_energy("gaussian", solver, "unrolled")(PARAMS, qu.make_system(pos, species, total_charge=total, pad_to=32))
+    q = np.asarray(aux["charges"])
+    assert abs(q[:23].sum() - total) < 1e-12
+    assert np.all(q[23:] == 0.0)
+
+
+def test_fragment_charges_hold():
+    pos, species = grid_cluster(12, seed=8)
+    frags = np.repeat([0, 1, 2], 4)
+    system = qu.make_system(pos, species, fragments=frags, fragment_charges=[0.0, 1.0, -1.0])
+    for solver in (qu.CG(iterations=2), qu.Exact()):
+        _, aux = qu.qeq_energy("gaussian", solver, "implicit" if solver.name == "exact" else "unrolled")(PARAMS, system)
+        sums = np.bincount(frags, weights=np.asarray(aux["charges"]))
+        np.testing.assert_allclose(sums, [0.0, 1.0, -1.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", [qu.CG(iterations=3), qu.CG(), qu.Exact()])
+def test_padded_equals_unpadded(solver):
+    pos, species = grid_cluster(13, seed=9)
+    f = qu.energy_and_forces(qu.qeq_energy("gaussian", solver, "unrolled"))
+    e0, f0, a0 = f(PARAMS, qu.make_system(pos, species, total_charge=1.0))
+    e1, f1, a1 = f(PARAMS, qu.make_system(pos, species, total_charge=1.0, pad_to=40))
+    assert abs(e1 - e0) < 1e-11
+    np.testing.assert_allclose(f1[:13], f0, atol=1e-11)
+    np.testing.assert_allclose(f1[13:], 0.0, atol=0)
+    np.testing.assert_allclose(a1["charges"][:13], a0["charges"], atol=1e-12)
+
+
+def test_solvers_agree_when_converged():
+    pos, species = grid_cluster(40, seed=12)
+    system = qu.make_system(pos, species)
+    q = {}
+    for solver in (qu.Exact(), qu.CG(tol=1e-12), qu.GD(tol=1e-12, max_iterations=5000), qu.NAG(tol=1e-12, max_iterations=5000)):
+        _, aux = qu.qeq_energy("gaussian", solver, "unrolled")(PARAMS, system)
+        assert bool(aux["converged"]), solver.name
+        q[solver.name] = np.asarray(aux["charges"])
+    for name in ("cg", "gd", "nag"):
+        np.testing.assert_allclose(q[name], q["exact"], atol=1e-10)
+
+
+def test_iterating_past_convergence_stays_finite_and_exact():
+    """Two atoms: CG converges in one step; K = 50 must freeze, not divide 0 by 0."""
+    system = qu.make_system([[0, 0, 0], [0, 0, 2.5]], [0, 1])
+    energy = qu.qeq_energy("gaussian", qu.CG(iterations=50, tol=0.0), "unrolled")
+    err, aux = max_fd_error(energy, PARAMS, system)
+    assert np.all(np.isfinite(np.asarray(aux["charges"])))
+    assert int(aux["iterations"]) < 50
+    assert err < 1e-7
+
+
+def test_diagnostics_report_non_convergence():
+    pos, species = grid_cluster(40, seed=12)
+    _, aux = qu.qeq_energy("gaussian", qu.GD(tol=1e-12, max_iterations=3), "unrolled")(PARAMS, qu.make_system(pos, species))
+    assert not bool(aux["converged"]) and int(aux["iterations"]) == 3 and float(aux["residual"]) > 1e-12
+
+
+def test_indefinite_hardness_is_flagged():
+    """Point charges too close for their hardness: H is indefinite and both solver families say so."""
+    soft = PARAMS.replace(hardness=jnp.asarray([1.0, 1.0, 1.0]))
+    pos, species = grid_cluster(8, spacing=1.0, rattle=0.0)
+    system = qu.make_system(pos, species)
+    for solver in (qu.Exact(), qu.CG(iterations=10)):
+        _, aux = qu.qeq_energy("point", solver, "unrolled")(soft, system)
+        assert not bool(aux["positive_definite"]), solver.name
