@@ -15,8 +15,9 @@ File formats (one line per type; ``#`` starts a comment; blank lines are ignored
 
       itype  chi  eta  gamma  zeta  qcore
 
-Columns and units (LAMMPS ``units metal`` / ``real`` both use Å; the QEq fixes take χ and η in eV
-and use k_e = 14.4 eV·Å internally, see ``constants.LAMMPS_COULOMB_CONSTANT``):
+Columns and units (LAMMPS ``units metal`` / ``real`` both use Å; the QEq fixes take χ and η in eV;
+qeq/reaxff and qeq/shielded couple with k_e = 14.4 eV·Å, ``constants.LAMMPS_COULOMB_CONSTANT``,
+while qeq/point adds a bare 1/r with no Coulomb constant):
 
 - ``chi``   electronegativity χ in eV            <-> ``Params.chi``
 - ``eta``   self-Coulomb hardness J in eV (the diagonal of H)  <-> ``Params.hardness``
@@ -26,6 +27,10 @@ and use k_e = 14.4 eV·Å internally, see ``constants.LAMMPS_COULOMB_CONSTANT``)
   principal quantum number ``Params.n``; so R = λ (2n + 1) / (2 ζ).
 - ``qcore`` core charge in e. This library has no core charges: it is written as 0 and any other
   value is an error on import.
+
+The ``fix qeq/reaxff`` reader of LAMMPS rejects comment lines, so the 4-column file is written
+without any; the 6-column files start with a commented header. This module's reader accepts
+comments in both.
 
 On export a column a style does not use is still written when known; an unknown ``gamma`` or ``zeta``
 (radius or n absent) is written as 0.0. On import a 0.0 ``gamma``/``zeta`` means "not given"; a
@@ -124,12 +129,13 @@ def write_lammps_qeq(
 
     cols = {k: np.asarray(getattr(params, k), dtype=float) for k in ("chi", "hardness", "gamma", "radius")}
     ncol = STYLE_COLUMNS[style]
-    lines = [
-        f"# LAMMPS fix qeq/{style} parameters written by qeq-unroll from set '{params.name}'",
-        "# units: chi, eta in eV; gamma, zeta in 1/Angstrom"
-        + (f"; zeta = {ZETA_LAMBDA}*(2n+1)/(2R)" if ncol == 6 else ""),
-        "# " + _HEADERS[ncol],
-    ]
+    lines = []
+    if ncol == 6:  # fix qeq/reaxff rejects comment lines; the QEQ-package fixes skip them
+        lines = [
+            f"# LAMMPS fix qeq/{style} parameters written by qeq-unroll from set '{params.name}'",
+            f"# units: chi, eta in eV; gamma, zeta in 1/Angstrom; zeta = {ZETA_LAMBDA}*(2n+1)/(2R)",
+            "# " + _HEADERS[ncol],
+        ]
     for t, s in enumerate(symbols, start=1):
         i = index[s]
         gamma = cols["gamma"][i]
