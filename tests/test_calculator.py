@@ -1,0 +1,202 @@
+"""The ASE calculator: one compiled function per size bucket, ASE drivers, results and bad input."""
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import molecule
+from ase.md.langevin import Langevin
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS, FIRE
+
+import qeq_unroll as qu
+from calculators import QEqCalculator
+from qeq_unroll.errors import QEqConvergenceError, QEqInputError
+
+
+def nacl_block(nx=2, ny=2, nz=2, a=2.9):
+    pos, sym = [], []
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                pos.append((i * a, j * a, k * a))
+                sym.append("Na" if (i + j + k) % 2 == 0 else "Cl")
+    return Atoms(sym, pos)
+
+
+@pytest.fixture(scope="module")
+def calc():
+    return QEqCalculator(params="demo-nacl-water", solver="cg", iterations=3)
+
+
+def test_results_match_core(calc):
+    atoms = nacl_block()
+    atoms.positions += np.random.default_rng(0).normal(0, 0.05, atoms.positions.shape)
+    atoms.calc = calc
+    e = atoms.get_potential_energy()
+    params = qu.load_params("demo-nacl-water")
+    system = qu.make_system(atoms.positions, params.species_indices(atoms.get_chemical_symbols()))
+    e_ref, f_ref, aux = qu.energy_and_forces(qu.qeq_energy("gaussian", qu.CG(iterations=3), "unrolled"))(params, system)
+    assert abs(e - float(e_ref)) < 1e-10
+    np.testing.assert_allclose(atoms.get_forces(), f_ref, atol=1e-10)
+    np.testing.assert_allclose(atoms.get_charges(), aux["charges"], atol=1e-12)
+    np.testing.assert_allclose(atoms.get_dipole_moment(), np.asarray(aux["charges"]) @ atoms.positions, atol=1e-12)
+    assert calc.results["free_energy"] == e
+    assert calc.results["qeq_iterations"] == 3 and calc.results["qeq_residual"] > 0
+
+
+def test_moving_atoms_does_not_recompile(calc):
+    atoms = nacl_block()
+    atoms.calc = calc
+    atoms.get_forces()
+    before = calc._evaluate._cache_size()
+    for step in range(3):
+        atoms.positions[0, 0] += 0.01
+        atoms.get_forces()
+    assert calc._evaluate._cache_size() == before
+    # 8 and 6 atoms share the smallest bucket: no recompilation either
+    small = nacl_block(3, 2, 1)
+    small.calc = calc
+    small.get_potential_energy()
+    assert calc._evaluate._cache_size() == before
+    # a larger structure compiles once for its bucket, then reuses it
+    big = nacl_block(3, 3, 2)
+    big.calc = calc
+    big.get_potential_energy()
+    assert calc._evaluate._cache_size() == before + 1
+    assert qu.size_bucket(18) == qu.size_bucket(20) == 32
+    bigger = nacl_block(5, 2, 2)
+    bigger.calc = calc
+    bigger.get_potential_energy()
+    assert calc._evaluate._cache_size() == before + 1
+
+
+def test_total_charge_from_initial_charges():
+    atoms = nacl_block()
+    atoms.set_initial_charges([1.0] + [0.0] * 7)
+    atoms.calc = QEqCalculator(params="demo-nacl-water", solver="exact")
+    assert abs(atoms.get_charges().sum() - 1.0) < 1e-12
+    atoms.calc = QEqCalculator(params="demo-nacl-water", solver="exact", total_charge=-2.0)
+    assert abs(atoms.get_charges().sum() + 2.0) < 1e-12
+
+
+@pytest.mark.parametrize("optimizer", [BFGS, FIRE])
+def test_optimizers_relax(optimizer, calc):
+    atoms = nacl_block()
+    atoms.positions += np.random.default_rng(1).normal(0, 0.1, atoms.positions.shape)
+    atoms.calc = QEqCalculator(params="demo-nacl-water", solver="cg")
+    e0 = atoms.get_potential_energy()
+    opt = optimizer(atoms, logfile=None)
+    assert opt.run(fmax=0.01, steps=500)
+    assert atoms.get_potential_energy() < e0
+    assert np.abs(atoms.get_forces()).max() < 0.01
+
+
+@pytest.mark.parametrize("dynamics", ["verlet", "langevin"])
+def test_md_drivers_run(dynamics, calc):
+    atoms = nacl_block()
+    atoms.calc = calc
+    if dynamics == "verlet":
+        md = VelocityVerlet(atoms, timestep=1.0 * 0.09822694750253)  # 1 fs in ASE units
+    else:
+        md = Langevin(atoms, timestep=0.0982269475, temperature_K=300, friction=0.02, fixcm=False, rng=np.random.default_rng(0))
+    e0 = atoms.get_total_energy()
+    md.run(20)
+    assert np.isfinite(atoms.get_total_energy())
+    if dynamics == "verlet":
+        assert abs(atoms.get_total_energy() - e0) < 1e-3
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_unknown_element_names_element_and_set():
+    atoms = Atoms("NaU", positions=[[0, 0, 0], [0, 0, 2.5]])
+    atoms.calc = QEqCalculator(params="demo-nacl-water")
+    with pytest.raises(QEqInputError, match=r"U .*demo-nacl-water"):
+        atoms.get_potential_energy()
+
+
+@pytest.mark.parametrize("key,kernel", [("hardness", "gaussian"), ("sigma", "gaussian"), ("gamma", "reaxff")])
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_non_physical_parameters(key, kernel, value):
+    data = qu.load_params("demo-nacl-water").to_dict()
+    data["elements"]["Cl"][key] = value
+    with pytest.raises(QEqInputError, match=f"'{key}' of element Cl.*must be positive"):
+        QEqCalculator(params=data, kernel=kernel)
+
+
+def test_missing_kernel_parameter_names_it():
+    data = qu.load_params("demo-nacl-water").to_dict()
+    del data["elements"]["Na"]["sigma"]
+    atoms = nacl_block()
+    atoms.calc = QEqCalculator(params=data, kernel="gaussian")
+    with pytest.raises(QEqInputError, match="'sigma' of element Na is missing"):
+        atoms.get_potential_energy()
+    atoms.calc = QEqCalculator(params=data, kernel="reaxff")  # reaxff does not need sigma
+    assert np.isfinite(atoms.get_potential_energy())
+
+
+def test_atoms_on_top_of_each_other():
+    atoms = Atoms("NaCl", positions=[[0, 0, 0], [0, 0, 1e-7]])
+    atoms.calc = QEqCalculator(params="demo-nacl-water", kernel="point", solver="exact")
+    with pytest.raises(QEqInputError, match="on top of each other"):
+        atoms.get_potential_energy()
+
+
+def test_non_finite_positions():
+    atoms = Atoms("NaCl", positions=[[0, 0, 0], [0, 0, np.nan]])
+    atoms.calc = QEqCalculator(params="demo-nacl-water")
+    with pytest.raises(QEqInputError, match="non-finite positions"):
+        atoms.get_potential_energy()
+
+
+@pytest.mark.parametrize(
+    "option,valid", [("kernel", "gaussian, reaxff, point"), ("solver", "exact, cg, gd, nag"), ("gradient", "unrolled, implicit, envelope")]
+)
+def test_unknown_names_list_valid_ones(option, valid):
+    with pytest.raises(QEqInputError, match=f"unknown {option}.*{valid}"):
+        QEqCalculator(**{option: "bogus"})
+
+
+def test_implicit_refuses_unconverged_solve():
+    atoms = nacl_block(3, 3, 2)
+    atoms.positions += np.random.default_rng(3).normal(0, 0.1, atoms.positions.shape)
+    atoms.calc = QEqCalculator(params="demo-nacl-water", solver="cg", iterations=2, gradient="implicit")
+    with pytest.raises(QEqConvergenceError, match="implicit gradients need a converged solve"):
+        atoms.get_forces()
+
+
+def test_tolerance_not_reached_warns():
+    atoms = nacl_block(3, 3, 2)
+    atoms.positions += np.random.default_rng(3).normal(0, 0.1, atoms.positions.shape)
+    atoms.calc = QEqCalculator(params="demo-nacl-water", solver="gd", tol=1e-14, max_iterations=2)
+    with pytest.warns(qu.QEqConvergenceWarning, match="did not converge"):
+        atoms.get_potential_energy()
+
+
+def test_indefinite_hardness_is_an_error():
+    data = qu.load_params("demo-nacl-water").to_dict()
+    for el in data["elements"].values():
+        el["hardness"] = 0.5
+    atoms = nacl_block(a=1.2)
+    atoms.calc = QEqCalculator(params=data, kernel="point", solver="exact")
+    with pytest.raises(QEqConvergenceError, match="not positive definite"):
+        atoms.get_potential_energy()
+
+
+def test_float64_needs_x64_and_says_how():
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(QEqInputError, match="jax_enable_x64"):
+            QEqCalculator()
+        calc = QEqCalculator(dtype="float32")
+        atoms = molecule("H2O")
+        atoms.calc = calc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert np.isfinite(atoms.get_potential_energy())
+    finally:
+        jax.config.update("jax_enable_x64", True)
