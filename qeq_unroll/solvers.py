@@ -20,6 +20,7 @@ solver freezes, so iterating past convergence stays finite and its gradients sta
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -73,10 +74,33 @@ def relative_residual(residual, problem):
     return jnp.linalg.norm(residual) / jnp.where(scale > 0, scale, 1.0)
 
 
-def _precondition(residual, problem):
-    """Jacobi-preconditioned direction on the plane: W r − W 1_f λ_f with W = diag(H)⁻¹."""
-    w = jnp.where(problem.fragments >= 0, 1.0 / problem.hardness.diagonal, 0.0)
-    return project(residual, w, problem.fragments, problem.n_fragments)
+@dataclasses.dataclass(frozen=True)
+class Jacobi:
+    """Preconditioner M = diag(H)⁻¹, applied on the plane: z = M r − M 1_f λ_f (Σ_f z = 0)."""
+
+    def setup(self, problem):
+        return jnp.where(problem.fragments >= 0, 1.0 / problem.hardness.diagonal, 0.0)
+
+    def apply(self, w, residual, problem):
+        return project(residual, w, problem.fragments, problem.n_fragments)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagonalStart:
+    """Start from the minimiser of the diagonal model (see ``constraints.diagonal_start``)."""
+
+    def __call__(self, problem):
+        return diagonal_start(problem.chi, problem.hardness.diagonal, problem.fragments, problem.targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformStart:
+    """Start from each fragment's charge spread evenly (q = 0 for neutral fragments): the plain
+    textbook start, kept as a baseline."""
+
+    def __call__(self, problem):
+        chi = problem.chi
+        return diagonal_start(jnp.zeros_like(chi), jnp.ones_like(chi), problem.fragments, problem.targets)
 
 
 def _floor(dtype):
@@ -86,11 +110,14 @@ def _floor(dtype):
 @dataclasses.dataclass(frozen=True)
 class _Iterative:
     """Shared driver: K fixed iterations or iterate-to-tol, as a ``lax.scan`` whose steps freeze
-    (``lax.cond``) once the residual reaches ``tol``."""
+    (``lax.cond``) once the residual reaches ``tol``. ``preconditioner`` and ``start`` are
+    strategies (Jacobi and the diagonal-model start by default; learned ones in ``learned``)."""
 
     iterations: int | None = None
     tol: float = 1e-10
     max_iterations: int = 1000
+    preconditioner: object = Jacobi()
+    start: object = DiagonalStart()
 
     def __post_init__(self):
         if self.iterations is not None and (int(self.iterations) != self.iterations or self.iterations < 1):
@@ -102,27 +129,29 @@ class _Iterative:
     def n_steps(self) -> int:
         return self.max_iterations if self.iterations is None else int(self.iterations)
 
-    def init(self, problem):
+    def init(self, problem, pre):
+        """``(state, residual)`` at the start; ``pre`` is the preconditioner's setup."""
         raise NotImplementedError
 
-    def step(self, problem, state, k):
+    def step(self, problem, pre, state, k):
         """One iteration: ``(state, residual, positive_definite)``."""
         raise NotImplementedError
 
-    def charges(self, state):
-        return state[0]
+    def precondition(self, pre, residual, problem):
+        return self.preconditioner.apply(pre, residual, problem)
 
     def run(self, problem):
         dtype = problem.chi.dtype
         threshold = jnp.maximum(jnp.asarray(self.tol, dtype), _floor(dtype))
-        state, res0 = self.init(problem)
+        pre = self.preconditioner.setup(problem)
+        state, res0 = self.init(problem, pre)
 
         def body(carry, k):
             state, res, used, pd = carry
             done = ~(res > threshold)  # NaN counts as done: never iterate on garbage
 
             def advance(state):
-                return self.step(problem, state, k)
+                return self.step(problem, pre, state, k)
 
             def hold(state):
                 return state, res, jnp.asarray(True)
@@ -132,99 +161,113 @@ class _Iterative:
 
         carry0 = (state, res0, jnp.asarray(0, jnp.int32), jnp.asarray(True))
         (state, res, used, pd), _ = lax.scan(body, carry0, jnp.arange(self.n_steps))
-        q = self.charges(state)
-        return q, Diagnostics(res, used, res <= self.tol, pd)
+        return state[0], Diagnostics(res, used, res <= self.tol, pd)
 
 
 @dataclasses.dataclass(frozen=True)
 class CG(_Iterative):
-    """Jacobi-preconditioned projected conjugate gradient (one H·p product per iteration)."""
+    """Preconditioned projected conjugate gradient (one H·p product per iteration)."""
 
     name: str = dataclasses.field(default="cg", init=False)
 
-    def init(self, problem):
-        q = diagonal_start(problem.chi, problem.hardness.diagonal, problem.fragments, problem.targets)
+    def init(self, problem, pre):
+        q = self.start(problem)
         r = tangent(problem.hardness.matvec(q) + problem.chi, problem)
-        z = _precondition(r, problem)
+        z = self.precondition(pre, r, problem)
         return (q, r, -z, jnp.vdot(r, z)), relative_residual(r, problem)
 
-    def step(self, problem, state, k):
+    def step(self, problem, pre, state, k):
         q, r, p, rz = state
         hp = problem.hardness.matvec(p)
         php = jnp.vdot(p, hp)
         alpha = _safe_div(rz, php)
         q = q + alpha * p
         r = r + alpha * tangent(hp, problem)
-        z = _precondition(r, problem)
+        z = self.precondition(pre, r, problem)
         rz_new = jnp.vdot(r, z)
         p = -z + _safe_div(rz_new, rz) * p
         pd = (php > 0) | (rz <= 0)
         return (q, r, p, rz_new), relative_residual(r, problem), pd
 
 
-@dataclasses.dataclass(frozen=True)
-class GD(_Iterative):
-    """Jacobi-preconditioned projected steepest descent with exact line search."""
-
-    name: str = dataclasses.field(default="gd", init=False)
-
-    def init(self, problem):
-        q = diagonal_start(problem.chi, problem.hardness.diagonal, problem.fragments, problem.targets)
-        r = tangent(problem.hardness.matvec(q) + problem.chi, problem)
-        return (q, r), relative_residual(r, problem)
-
-    def step(self, problem, state, k):
-        q, r = state
-        z = _precondition(r, problem)
-        hz = problem.hardness.matvec(z)
-        zhz = jnp.vdot(z, hz)
-        alpha = _safe_div(jnp.vdot(r, z), zhz)
-        q = q - alpha * z
-        r = r - alpha * tangent(hz, problem)
-        return (q, r), relative_residual(r, problem), (zhz > 0) | (jnp.vdot(z, z) == 0)
-
-
-def largest_eigenvalue(problem, start, iterations=20):
-    """Estimate of the largest eigenvalue of the Jacobi-preconditioned H on the constraint plane:
-    the Rayleigh quotient after power iterations from ``start`` (a lower bound that converges
-    fast). Started from the solver's first search direction it is equivariant under permutations
+def largest_eigenvalue(problem, precondition, start, iterations=20):
+    """Estimate of the largest eigenvalue of the preconditioned hardness P_M H on the constraint
+    plane. P_M H is self-adjoint in the H inner product, so the Rayleigh quotient
+    ⟨v, P_M H v⟩_H / ⟨v, v⟩_H after power iterations from ``start`` is a lower bound that converges
+    fast. Started from the solver's first search direction it is equivariant under permutations
     and covers every direction the iterations can take."""
-    diag = jnp.where(problem.fragments >= 0, problem.hardness.diagonal, 0.0)
-    v = start
 
     def body(v, _):
-        v = v / jnp.sqrt(jnp.vdot(v, diag * v) + jnp.finfo(v.dtype).tiny)
-        return _precondition(tangent(problem.hardness.matvec(v), problem), problem), None
+        hv = problem.hardness.matvec(v)
+        v = v / jnp.sqrt(jnp.abs(jnp.vdot(v, hv)) + jnp.finfo(v.dtype).tiny)
+        return precondition(tangent(problem.hardness.matvec(v), problem)), None
 
-    v, _ = lax.scan(body, v, None, length=iterations)
-    return _safe_div(jnp.vdot(v, problem.hardness.matvec(v)), jnp.vdot(v, diag * v))
+    v, _ = lax.scan(body, start, None, length=iterations)
+    hv = problem.hardness.matvec(v)
+    return _safe_div(jnp.vdot(hv, precondition(tangent(hv, problem))), jnp.vdot(v, hv))
+
+
+@dataclasses.dataclass(frozen=True)
+class GD(_Iterative):
+    """Preconditioned projected gradient descent. ``steps`` None: exact line search (steepest
+    descent). ``steps`` (K,) in (0, 2): step k is steps[k] / L̂, L̂ the estimated largest
+    eigenvalue of the preconditioned hardness, so every step is non-expansive."""
+
+    steps: jax.Array | None = None
+    power_iterations: int = 20
+    name: str = dataclasses.field(default="gd", init=False)
+
+    def init(self, problem, pre):
+        q = self.start(problem)
+        r = tangent(problem.hardness.matvec(q) + problem.chi, problem)
+        if self.steps is None:
+            scale = jnp.asarray(0.0, q.dtype)
+        else:
+            pc = functools.partial(self.precondition, pre, problem=problem)
+            scale = _safe_div(1.0, largest_eigenvalue(problem, pc, pc(r), self.power_iterations))
+        return (q, r, scale), relative_residual(r, problem)
+
+    def step(self, problem, pre, state, k):
+        q, r, scale = state
+        z = self.precondition(pre, r, problem)
+        hz = problem.hardness.matvec(z)
+        zhz = jnp.vdot(z, hz)
+        alpha = _safe_div(jnp.vdot(r, z), zhz) if self.steps is None else self.steps[k] * scale
+        q = q - alpha * z
+        r = r - alpha * tangent(hz, problem)
+        return (q, r, scale), relative_residual(r, problem), (zhz > 0) | (jnp.vdot(z, z) == 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class NAG(_Iterative):
-    """Nesterov-accelerated projected gradient: step 1/(1.1 L̂), momentum k/(k+3).
-    ``power_iterations`` H products per solve go into L̂."""
+    """Nesterov-accelerated projected gradient. Defaults: step 1/(1.1 L̂), momentum k/(k+3).
+    ``steps`` (K,) in (0, 1] and ``momenta`` (K,) in [0, 1) replace them per iteration (step k is
+    steps[k] / L̂). ``power_iterations`` H products per solve go into L̂."""
 
+    steps: jax.Array | None = None
+    momenta: jax.Array | None = None
     power_iterations: int = 20
     name: str = dataclasses.field(default="nag", init=False)
 
-    def init(self, problem):
-        q = diagonal_start(problem.chi, problem.hardness.diagonal, problem.fragments, problem.targets)
+    def init(self, problem, pre):
+        q = self.start(problem)
         hq = problem.hardness.matvec(q)
         r = tangent(hq + problem.chi, problem)
-        lipschitz = largest_eigenvalue(problem, _precondition(r, problem), self.power_iterations)
-        return (q, q, hq, hq, _safe_div(1.0, 1.1 * lipschitz)), relative_residual(r, problem)
+        pc = functools.partial(self.precondition, pre, problem=problem)
+        scale = _safe_div(1.0, largest_eigenvalue(problem, pc, pc(r), self.power_iterations))
+        return (q, q, hq, hq, scale), relative_residual(r, problem)
 
-    def step(self, problem, state, k):
-        q, q_prev, hq, hq_prev, step_size = state
-        beta = k / (k + 3.0)
+    def step(self, problem, pre, state, k):
+        q, q_prev, hq, hq_prev, scale = state
+        beta = k / (k + 3.0) if self.momenta is None else self.momenta[k]
+        step_size = scale / 1.1 if self.steps is None else self.steps[k] * scale
         y = q + beta * (q - q_prev)
         hy = hq + beta * (hq - hq_prev)
-        z = _precondition(tangent(hy + problem.chi, problem), problem)
+        z = self.precondition(pre, tangent(hy + problem.chi, problem), problem)
         q_new = y - step_size * z
         hq_new = hy - step_size * problem.hardness.matvec(z)
         residual = relative_residual(tangent(hq_new + problem.chi, problem), problem)
-        return (q_new, q, hq_new, hq, step_size), residual, step_size > 0
+        return (q_new, q, hq_new, hq, scale), residual, scale > 0
 
 
 @dataclasses.dataclass(frozen=True)
