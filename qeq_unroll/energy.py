@@ -22,6 +22,14 @@ from .pairs import pair_energy
 from .solvers import Problem, get_solver
 
 
+def qeq_problem(kernel, params, system, coulomb_constant=COULOMB_CONSTANT) -> Problem:
+    """The charge problem of ``system``: hardness operator, χ, constraints and pair geometry."""
+    r, pair_mask = dense_pairs(system)
+    hardness = dense_hardness(kernel, params, system, r, pair_mask, coulomb_constant)
+    chi = electronegativity(params, system)
+    return Problem(hardness, chi, system.fragments, system.fragment_charges, system.species, r, pair_mask)
+
+
 def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_constant=COULOMB_CONSTANT):
     """Build ``energy(params, system) -> (E, aux)``.
 
@@ -36,18 +44,15 @@ def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_cons
     gradient = get_gradient(gradient)
 
     def energy(params, system):
-        r, pair_mask = dense_pairs(system)
-        hardness = dense_hardness(kernel, params, system, r, pair_mask, coulomb_constant)
-        chi = electronegativity(params, system)
-        problem = Problem(hardness, chi, system.fragments, system.fragment_charges)
+        problem = qeq_problem(kernel, params, system, coulomb_constant)
         q, diagnostics = gradient.charges(solver, problem)
-        e_qeq = jnp.vdot(chi, q) + 0.5 * jnp.vdot(q, hardness.matvec(q))
-        e_short = pair_energy(params, system.species, r, pair_mask)
+        e_qeq = jnp.vdot(problem.chi, q) + 0.5 * jnp.vdot(q, problem.hardness.matvec(q))
+        e_short = pair_energy(params, system.species, problem.distances, problem.pair_mask)
         aux = dict(
             charges=q,
             e_qeq=e_qeq,
             e_short=e_short,
-            min_distance=jax.lax.stop_gradient(min_distance(r, pair_mask)),
+            min_distance=jax.lax.stop_gradient(min_distance(problem.distances, problem.pair_mask)),
             **diagnostics._asdict(),
         )
         return e_qeq + e_short, aux

@@ -33,12 +33,16 @@ from .hardness import Hardness
 
 
 class Problem(NamedTuple):
-    """min_q χᵀq + ½ qᵀHq subject to Σ_{i∈f} q_i = targets[f]."""
+    """min_q χᵀq + ½ qᵀHq subject to Σ_{i∈f} q_i = targets[f]. ``species``, ``distances`` (Å)
+    and ``pair_mask`` describe the geometry, for solver parts that are functions of it."""
 
     hardness: Hardness
     chi: jax.Array
     fragments: jax.Array
     targets: jax.Array
+    species: jax.Array | None = None
+    distances: jax.Array | None = None
+    pair_mask: jax.Array | None = None
 
     @property
     def n_fragments(self) -> int:
