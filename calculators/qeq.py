@@ -22,6 +22,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 import qeq_unroll
 from qeq_unroll.errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError
+from qeq_unroll.learned import check_compatible
 
 #: Two atoms closer than this (Å) are "on top of each other".
 MIN_DISTANCE = 1e-6
@@ -32,8 +33,10 @@ class QEqCalculator(Calculator):
     """QEq charges, energy and exact forces for ASE.
 
     params: built-in set name, JSON path or ``qeq_unroll.Params``. kernel: "gaussian" | "reaxff" |
-    "point". cutoff: Å (None: the kernel's default). solver: "exact" | "cg" | "gd" | "nag" or a
-    solver object. iterations: fixed K, or None to iterate to ``tol`` (at most ``max_iterations``).
+    "point". cutoff: Å (None: the kernel's default). solver: "exact" | "cg" | "gd" | "nag" |
+    "learned" or a solver object; solver_params: the solver file (or
+    ``qeq_unroll.learned.LearnedSolverParams``) of ``solver="learned"``. iterations: fixed K, or
+    None to iterate to ``tol`` (at most ``max_iterations``).
     gradient: "unrolled" | "implicit" | "envelope". total_charge: e (None: sum of the initial
     charges). coulomb_constant: eV·Å. dtype: "float64" (needs JAX x64 enabled) | "float32".
     """
@@ -44,6 +47,7 @@ class QEqCalculator(Calculator):
         kernel="gaussian",
         cutoff=None,
         solver="cg",
+        solver_params=None,
         iterations=None,
         tol=1e-10,
         max_iterations=1000,
@@ -67,7 +71,10 @@ class QEqCalculator(Calculator):
         self._dtype = DTYPES[p.dtype]
         params = qeq_unroll.load_params(p.params)
         self.kernel = qeq_unroll.get_kernel(p.kernel, p.cutoff)
-        self.solver = qeq_unroll.get_solver(p.solver, p.iterations, p.tol, p.max_iterations)
+        self.solver = qeq_unroll.get_solver(p.solver, p.iterations, p.tol, p.max_iterations, p.solver_params)
+        if p.solver == "learned":
+            lp = self.solver.start.params
+            check_compatible(lp, self.kernel.name, params.elements, source=f"solver file {p.solver_params}")
         self.gradient = qeq_unroll.get_gradient(p.gradient)
         self.qeq_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self._dtype), params)
         energy = qeq_unroll.qeq_energy(self.kernel, self.solver, self.gradient, p.coulomb_constant)

@@ -295,16 +295,26 @@ class Exact:
         return q, Diagnostics(res, one, pd & jnp.isfinite(res), pd)
 
 
-SOLVERS = {"exact": Exact, "cg": CG, "gd": GD, "nag": NAG}
+SOLVERS = {"exact": Exact, "cg": CG, "gd": GD, "nag": NAG, "learned": None}
 
 
-def get_solver(name, iterations=None, tol=1e-10, max_iterations=1000):
-    """A solver by name (a solver object is returned as is)."""
+def get_solver(name, iterations=None, tol=1e-10, max_iterations=1000, solver_params=None):
+    """A solver by name (a solver object is returned as is). ``"learned"`` needs
+    ``solver_params``: a solver file path or ``learned.LearnedSolverParams``; it runs the K it was
+    trained for (``iterations`` must be None or equal to it)."""
     if not isinstance(name, str):
         return name
     if name not in SOLVERS:
         raise QEqInputError(f"unknown solver '{name}' (valid: {', '.join(SOLVERS)})")
+    if name == "learned":
+        from .learned import LearnedSolverParams, learned_solver, load_learned
+
+        if solver_params is None:
+            raise QEqInputError("solver 'learned' needs solver_params: a solver file from 'qeq-unroll train-solver'")
+        lp = solver_params if isinstance(solver_params, LearnedSolverParams) else load_learned(solver_params)
+        if iterations is not None and int(iterations) != lp.iterations:
+            raise QEqInputError(f"solver file was trained for K = {lp.iterations} iterations, not {iterations}")
+        return learned_solver(lp, tol=tol)
     if name == "exact":
         return Exact(tol=tol)
     return SOLVERS[name](iterations=iterations, tol=tol, max_iterations=max_iterations)
-

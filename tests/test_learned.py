@@ -1,0 +1,152 @@
+"""Learned solver parts: exact forces, SPD preconditioner, constraints, training, stability, files."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qeq_unroll as qu
+from qeq_unroll.energy import qeq_problem
+from qeq_unroll.errors import QEqInputError
+from qeq_unroll.learned import (
+    LearnedPreconditioner,
+    LearnedStart,
+    check_compatible,
+    init_learned,
+    learned_solver,
+    load_learned,
+    save_learned,
+)
+from qeq_unroll.solver_training import solve_errors, train_solver
+from tests.test_core import max_fd_error
+
+PARAMS = qu.load_params("demo-nacl-water")
+KERNEL = qu.Gaussian()
+
+
+def cluster(n, seed, strain=1.0, rattle=0.12):
+    """A compact neutral NaCl cluster (Å), rattled."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil((2 * n) ** (1 / 3))) + 2
+    idx = np.indices((side,) * 3).reshape(3, -1).T
+    idx = idx[np.argsort(np.linalg.norm(idx - (side - 1) / 2, axis=1) + 1e-6 * rng.random(len(idx)))]
+    na = [i for i in idx if i.sum() % 2 == 0][: n // 2]
+    cl = [i for i in idx if i.sum() % 2 == 1][: n // 2]
+    pos = np.asarray(na + cl, float) * 2.85 * strain + rng.normal(0, rattle, (n, 3))
+    species = PARAMS.species_indices(["Na"] * (n // 2) + ["Cl"] * (n // 2))
+    return qu.make_system(pos, species, pad_to=qu.size_bucket(n))
+
+
+def random_learned(family, seed=0, scale=0.3):
+    """Learned parameters with every part switched on (random, not trained)."""
+    lp = init_learned(family, 4, "gaussian", PARAMS.elements, cutoff=5.0, n_basis=4)
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    return dataclasses.replace(
+        lp,
+        start=scale * jax.random.normal(keys[0], lp.start.shape),
+        precond=scale * jax.random.normal(keys[1], lp.precond.shape),
+        precond_diag=scale * jax.random.normal(keys[2], lp.precond_diag.shape),
+        steps=lp.steps + scale * jax.random.normal(keys[3], lp.steps.shape),
+        momenta=lp.momenta + scale * jax.random.normal(keys[4], lp.momenta.shape),
+    )
+
+
+@pytest.mark.parametrize("family", ["cg", "gd", "nag"])
+def test_learned_forces_are_exact_derivative(family):
+    system = cluster(10, seed=1)
+    energy = qu.qeq_energy(KERNEL, learned_solver(random_learned(family)), "unrolled")
+    err, aux = max_fd_error(energy, PARAMS, system, atoms=range(10))
+    assert err < 1e-7
+    assert abs(float(jnp.sum(aux["charges"]))) < 1e-12
+
+
+def test_preconditioner_is_spd_and_keeps_the_plane():
+    lp = random_learned("cg", seed=3, scale=3.0)  # large entries: SPD must hold by construction
+    system = cluster(20, seed=2)
+    frags = np.r_[np.zeros(10, int), np.ones(10, int)]
+    system = qu.make_system(system.positions[:20], system.species[:20], fragments=frags, fragment_charges=[1.0, -1.0])
+    problem = qeq_problem(KERNEL, PARAMS, system)
+    pre = LearnedPreconditioner(lp)
+    g, u, s_inv = pre.setup(problem)
+    m = np.asarray(g @ g.T)
+    assert np.allclose(m, m.T) and np.linalg.eigvalsh(m).min() > 0
+    r = jax.random.normal(jax.random.PRNGKey(0), (20,))
+    z = pre.apply((g, u, s_inv), r, problem)
+    np.testing.assert_allclose(np.bincount(frags, weights=np.asarray(z)), 0.0, atol=1e-12)
+    q0 = LearnedStart(lp)(problem)
+    np.testing.assert_allclose(np.bincount(frags, weights=np.asarray(q0)), [1.0, -1.0], atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A learned CG (K = 4) trained briefly on small clusters."""
+    systems = [cluster(n, seed) for n in (12, 16, 20, 24) for seed in range(2)]
+    lp0 = init_learned("cg", 4, "gaussian", PARAMS.elements, cutoff=5.0, n_basis=4)
+    lp, history = train_solver(lp0, PARAMS, systems, KERNEL, qu.COULOMB_CONSTANT, steps=150, learning_rate=2e-2)
+    return lp0, lp, history
+
+
+def errors(lp, system):
+    ref = jax.jit(qu.energy_and_forces(qu.qeq_energy(KERNEL, qu.Exact(), "implicit")))(PARAMS, system)
+    return solve_errors(lp, PARAMS, system, (ref[0], ref[1], ref[2]["charges"]), KERNEL, qu.COULOMB_CONSTANT)
+
+
+def test_training_improves_held_out_larger_structures(trained):
+    lp0, lp, history = trained
+    assert history[-1] < history[0]
+    held_out = cluster(48, seed=9)
+    before, after = errors(lp0, held_out), errors(lp, held_out)
+    assert float(after["charges"]) < 0.5 * float(before["charges"])
+
+
+@pytest.mark.parametrize("strain,n", [(1.0, 150), (0.85, 40)])
+def test_trained_solver_does_not_diverge_far_from_training(trained, strain, n):
+    """Much larger or strongly compressed structures: the learned solve is no worse than its own
+    starting guess (and finite)."""
+    _, lp, _ = trained
+    system = cluster(n, seed=4, strain=strain)
+    problem = qeq_problem(KERNEL, PARAMS, system)
+    q_exact, _ = qu.Exact().run(problem)
+    q_start = LearnedStart(lp)(problem)
+    q_k, _ = learned_solver(lp).run(problem)
+    assert np.all(np.isfinite(np.asarray(q_k)))
+    assert float(jnp.linalg.norm(q_k - q_exact)) <= float(jnp.linalg.norm(q_start - q_exact))
+
+
+def test_solver_file_round_trip_and_mismatches(tmp_path, trained):
+    _, lp, _ = trained
+    path = tmp_path / "solver.json"
+    save_learned(lp, path)
+    again = load_learned(path)
+    assert again.to_dict() == lp.to_dict()
+    check_compatible(again, "gaussian", PARAMS.elements, 4)
+    with pytest.raises(QEqInputError, match="kernel 'gaussian', not 'reaxff'"):
+        check_compatible(again, "reaxff", PARAMS.elements)
+    with pytest.raises(QEqInputError, match="elements"):
+        check_compatible(again, "gaussian", ("Na", "Cl"))
+    with pytest.raises(QEqInputError, match="K = 4 iterations, not 6"):
+        qu.get_solver("learned", iterations=6, solver_params=str(path))
+    with pytest.raises(QEqInputError, match="needs solver_params"):
+        qu.get_solver("learned")
+    with pytest.raises(QEqInputError, match="unknown learned solver family"):
+        init_learned("adam", 4, "gaussian", PARAMS.elements)
+
+
+def test_calculator_runs_a_solver_file(tmp_path, trained):
+    from calculators import QEqCalculator
+    from ase import Atoms
+
+    _, lp, _ = trained
+    path = tmp_path / "solver.json"
+    save_learned(lp, path)
+    system = cluster(16, seed=5)
+    atoms = Atoms(["Na"] * 8 + ["Cl"] * 8, positions=np.asarray(system.positions[:16]))
+    atoms.calc = QEqCalculator(params="demo-nacl-water", solver="learned", solver_params=str(path))
+    e = atoms.get_potential_energy()
+    e_ref, _, _ = qu.energy_and_forces(qu.qeq_energy(KERNEL, learned_solver(lp), "unrolled"))(PARAMS, system)
+    assert abs(e - float(e_ref)) < 1e-10
+    assert atoms.calc.results["qeq_iterations"] <= 4
+    with pytest.raises(QEqInputError, match="kernel 'gaussian', not 'reaxff'"):
+        QEqCalculator(params="demo-nacl-water", kernel="reaxff", solver="learned", solver_params=str(path))
