@@ -1,0 +1,81 @@
+"""Command line of qeq-unroll: ``qeq-unroll <command> [options]`` (``--help`` on each command).
+
+Commands:
+    demo    relax the built-in NaCl and water clusters with the QEq calculator and report energies,
+            charges, forces, solver diagnostics and timings.
+
+The parser is a subcommand layout: a command is a function ``add_<name>(subparsers)`` that adds
+its parser and sets ``func`` (called with the parsed arguments, returns an exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qeq_unroll.errors import QEqConvergenceError, QEqInputError
+
+
+def add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="relax the built-in NaCl and water clusters and report",
+        description="Relax a 32-atom NaCl cluster and a water hexamer (built-in 'demo-nacl-water' set, "
+        "gaussian kernel) with BFGS and print energies, charges, remaining forces, the charge solver's "
+        "diagnostics and timings.",
+    )
+    p.add_argument("--fmax", type=float, default=0.01, help="BFGS force threshold in eV/A (default 0.01)")
+    p.add_argument("--steps", type=int, default=1000, help="maximum BFGS steps per structure (default 1000)")
+    p.add_argument("--solver", default="cg", help="charge solver: exact, cg, gd, nag (default cg)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="fixed number of solver iterations K (default: iterate to tolerance)")
+    p.add_argument("--max-iterations", type=int, default=100,
+                   help="cap on solver iterations when iterating to tolerance (default 100)")
+    p.add_argument("--gradient", default="unrolled", help="force mode: unrolled, implicit, envelope (default unrolled)")
+    p.add_argument("--kernel", default="gaussian", help="Coulomb kernel (default gaussian)")
+    p.add_argument("--params", default="demo-nacl-water", help="parameter set name or JSON file (default demo-nacl-water)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    settings = dict(params=args.params, kernel=args.kernel, solver=args.solver, iterations=args.iterations,
+                    max_iterations=args.max_iterations, gradient=args.gradient)
+    run_demo(fmax=args.fmax, steps=args.steps, settings=settings)
+    return 0
+
+
+COMMANDS = (add_demo,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qeq-unroll",
+        description="Differentiable charge equilibration (QEq) in JAX: solvers, exact forces, an ASE calculator.",
+    )
+    from qeq_unroll import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="command")
+    subparsers.required = True
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``qeq-unroll`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # the command line works in float64
+    try:
+        return int(args.func(args) or 0)
+    except (QEqInputError, QEqConvergenceError) as exc:
+        print(f"qeq-unroll {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
