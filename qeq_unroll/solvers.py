@@ -144,28 +144,60 @@ class _Iterative:
     def precondition(self, pre, residual, problem):
         return self.preconditioner.apply(pre, residual, problem)
 
-    def run(self, problem):
-        dtype = problem.chi.dtype
-        threshold = jnp.maximum(jnp.asarray(self.tol, dtype), _floor(dtype))
+    def _threshold(self, dtype):
+        return jnp.maximum(jnp.asarray(self.tol, dtype), _floor(dtype))
+
+    def _scan(self, problem, length):
+        """``length`` iterations as a ``lax.scan``; a step whose residual is already at ``tol``
+        leaves the state as it is (``where``, not ``cond``: a cond would hand the loop-invariant
+        hardness matrix out of every step and the scan would stack ``length`` copies of it)."""
+        threshold = self._threshold(problem.chi.dtype)
         pre = self.preconditioner.setup(problem)
         state, res0 = self.init(problem, pre)
 
         def body(carry, k):
             state, res, used, pd = carry
             done = ~(res > threshold)  # NaN counts as done: never iterate on garbage
-
-            def advance(state):
-                return self.step(problem, pre, state, k)
-
-            def hold(state):
-                return state, res, jnp.asarray(True)
-
-            state, res, pd_k = lax.cond(done, hold, advance, state)
-            return (state, res, used + jnp.where(done, 0, 1), pd & pd_k), None
+            new_state, new_res, pd_k = self.step(problem, pre, state, k)
+            keep = lambda new, old: jnp.where(done, old, new)  # noqa: E731
+            state = jax.tree_util.tree_map(keep, new_state, state)
+            return (state, keep(new_res, res), used + jnp.where(done, 0, 1), pd & (done | pd_k)), None
 
         carry0 = (state, res0, jnp.asarray(0, jnp.int32), jnp.asarray(True))
-        (state, res, used, pd), _ = lax.scan(body, carry0, jnp.arange(self.n_steps))
+        (state, res, used, pd), _ = lax.scan(body, carry0, jnp.arange(length))
         return state[0], Diagnostics(res, used, res <= self.tol, pd)
+
+    def _iterations_needed(self, problem):
+        """How many iterations reach ``tol`` (at most ``max_iterations``): a forward-only
+        ``while_loop`` on a non-differentiated copy of the problem."""
+        problem = jax.tree_util.tree_map(lax.stop_gradient, problem)
+        threshold = self._threshold(problem.chi.dtype)
+        pre = self.preconditioner.setup(problem)
+        state, res0 = self.init(problem, pre)
+
+        def cond(carry):
+            _, res, k = carry
+            return (k < self.max_iterations) & (res > threshold)
+
+        def body(carry):
+            state, _, k = carry
+            state, res, _ = self.step(problem, pre, state, k)
+            return state, res, k + 1
+
+        return lax.while_loop(cond, body, (state, res0, jnp.asarray(0, jnp.int32)))[2]
+
+    def run(self, problem):
+        """Charges and diagnostics. Fixed K: one scan of K steps. To tolerance: the iterations
+        needed are counted first, then the differentiable scan runs with the shortest of a few
+        static lengths (powers of two, then ``max_iterations``) that covers them, so unrolled
+        gradients cost at most about twice the iterations actually used."""
+        if self.iterations is not None:
+            return self._scan(problem, int(self.iterations))
+        lengths = [n for n in (2**j for j in range(3, 20)) if n < self.max_iterations] + [self.max_iterations]
+        needed = self._iterations_needed(problem)
+        index = jnp.searchsorted(jnp.asarray(lengths), needed + 2)
+        branches = [functools.partial(self._scan, length=n) for n in lengths]
+        return lax.switch(jnp.minimum(index, len(lengths) - 1), branches, problem)
 
 
 @dataclasses.dataclass(frozen=True)
