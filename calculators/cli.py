@@ -3,6 +3,7 @@
 Commands:
     demo    relax the built-in NaCl and water clusters with the QEq calculator and report energies,
             charges, forces, solver diagnostics and timings.
+    train-solver  train the learned parts of a K-step charge solver (solver="learned").
 
 The parser is a subcommand layout: a command is a function ``add_<name>(subparsers)`` that adds
 its parser and sets ``func`` (called with the parsed arguments, returns an exit status).
@@ -29,8 +30,8 @@ def add_demo(subparsers) -> None:
     p.add_argument("--solver", default="cg", help="charge solver: exact, cg, gd, nag (default cg)")
     p.add_argument("--iterations", type=int, default=None,
                    help="fixed number of solver iterations K (default: iterate to tolerance)")
-    p.add_argument("--max-iterations", type=int, default=100,
-                   help="cap on solver iterations when iterating to tolerance (default 100)")
+    p.add_argument("--max-iterations", type=int, default=1000,
+                   help="cap on solver iterations when iterating to tolerance (default 1000)")
     p.add_argument("--gradient", default="unrolled", help="force mode: unrolled, implicit, envelope (default unrolled)")
     p.add_argument("--kernel", default="gaussian", help="Coulomb kernel (default gaussian)")
     p.add_argument("--params", default="demo-nacl-water", help="parameter set name or JSON file (default demo-nacl-water)")
@@ -46,7 +47,13 @@ def _run_demo(args) -> int:
     return 0
 
 
-COMMANDS = (add_demo,)
+def add_train_solver(subparsers) -> None:
+    from .train_solver import add_train_solver as add
+
+    add(subparsers)
+
+
+COMMANDS = (add_demo, add_train_solver)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,11 +21,8 @@ from .md import relax
 from .qeq import QEqCalculator
 from .structures import nacl_cluster, water_cluster, water_geometry
 
-#: Calculator keywords of the demo. CG iterates to tol; ``max_iterations`` only caps it. The cap is
-#: lowered from 1000 because an unrolled solve runs every one of its ``max_iterations`` steps (frozen
-#: once converged) so that it can be differentiated; CG on these 18–32 unknowns converges in < 32.
-DEMO_SETTINGS = dict(params="demo-nacl-water", kernel="gaussian", solver="cg", iterations=None, max_iterations=100,
-                     gradient="unrolled")
+#: Calculator keywords of the demo: CG to tolerance, unrolled forces.
+DEMO_SETTINGS = dict(params="demo-nacl-water", kernel="gaussian", solver="cg", iterations=None, gradient="unrolled")
 
 
 def _time_call(calc, atoms) -> float:
