@@ -153,3 +153,23 @@ def water_geometry(atoms: Atoms):
         oh.append((la, lb))
         hoh.append(math.degrees(math.acos(np.clip(np.dot(a, b) / (la * lb), -1.0, 1.0))))
     return np.asarray(oh), np.asarray(hoh)
+
+
+def water_molecules(n_molecules: int, spacing: float = 3.0, rattle: float = 0.25, seed: int = 0,
+                    oh: float = WATER_OH, hoh: float = WATER_HOH) -> Atoms:
+    """A compact, disordered cluster of ``n_molecules`` rigid waters (O, H, H order).
+
+    Oxygens occupy the ``n_molecules`` sites of a simple-cubic grid of pitch ``spacing`` Å nearest
+    its centre, displaced by Gaussian noise of ``rattle`` Å; each molecule has a random
+    orientation. Seeded by ``seed``. A distribution of structures, e.g. for training solvers.
+    """
+    rng = np.random.default_rng(seed)
+    side = int(math.ceil(n_molecules ** (1.0 / 3.0))) + 1
+    sites = np.indices((side,) * 3).reshape(3, -1).T.astype(float)
+    order = np.argsort(np.linalg.norm(sites - (side - 1) / 2.0, axis=1) + 1e-3 * rng.random(len(sites)))
+    out = Atoms(pbc=False)
+    for site in sites[order[:n_molecules]]:
+        u, side_dir = rng.normal(size=(2, 3))
+        out += _water(site * spacing + rng.normal(0.0, rattle, 3), u, side_dir, oh, hoh)
+    out.positions -= out.positions.mean(axis=0)
+    return out
