@@ -150,3 +150,23 @@ def test_calculator_runs_a_solver_file(tmp_path, trained):
     assert atoms.calc.results["qeq_iterations"] <= 4
     with pytest.raises(QEqInputError, match="kernel 'gaussian', not 'reaxff'"):
         QEqCalculator(params="demo-nacl-water", kernel="reaxff", solver="learned", solver_params=str(path))
+
+
+def test_nve_with_learned_solver_conserves_energy(tmp_path, trained):
+    """K = 4 learned CG (every part a function of positions only) conserves the energy it reports
+    within 1.5x the drift of exact charges with implicit forces, from the same start."""
+    from calculators import QEqCalculator
+    from calculators.md import drift_stats, relax, run_nve
+    from calculators.structures import nacl_cluster
+
+    _, lp, _ = trained
+    path = tmp_path / "solver.json"
+    save_learned(lp, path)
+    calc_kw = dict(params="demo-nacl-water", kernel="gaussian")
+    start = relax(nacl_cluster(32), QEqCalculator(solver="exact", gradient="implicit", **calc_kw), fmax=1e-3)
+    dev = {}
+    for label, kw in (("exact", dict(solver="exact", gradient="implicit")),
+                      ("learned", dict(solver="learned", solver_params=str(path)))):
+        etot = run_nve(start, QEqCalculator(**calc_kw, **kw), steps=300, temperature_K=600.0, seed=7)
+        dev[label] = drift_stats(etot, len(start)).max_dev
+    assert 0.0 < dev["exact"] < 0.05 and dev["learned"] <= 1.5 * dev["exact"], dev
