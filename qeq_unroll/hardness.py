@@ -1,7 +1,9 @@
-"""The hardness operator H of a free-space system (dense, all pairs).
+"""The hardness operator H of the charge problem: dense, or matrix-free over a neighbour list,
+plus optional low-rank (Ewald reciprocal space) and uniform (neutralising background) parts.
 
-H_ii = J_i + k_e S_i (kernel self term), H_ij = k_e K_ij(r_ij); units eV/e². Padding rows are the
-identity with χ = 0, so padded charges solve to exactly zero and decouple from the real atoms.
+H_ii = J_i + k_e S_i (kernel self term) + k_e Σ_{images n≠0} K_ii(|n|); H_ij = k_e Σ_n K_ij(|r_ij + n|)
+(free space: n = 0 only); units eV/e². Padding rows are the identity with χ = 0, so padded charges
+solve to exactly zero and decouple from the real atoms.
 """
 
 from __future__ import annotations
@@ -13,18 +15,54 @@ import jax.numpy as jnp
 
 
 class Hardness(NamedTuple):
-    """A hardness operator: ``matrix`` (N, N) in eV/e² and its ``diagonal`` (N,)."""
+    """A hardness operator in eV/e².
 
-    matrix: jax.Array
+    ``matrix`` (N, N): the dense part (dense layouts; None for lists). ``diagonal`` (N,): diag(H),
+    every part included. List layout: ``values`` (N, M) couplings to ``neighbors`` (N, M) and
+    ``base`` (N,) the diagonal without self-image couplings. ``lowrank`` (N, P): adds U Uᵀ
+    (Ewald reciprocal space). ``uniform`` (scalar) with ``real`` (N,) 0/1: adds c u uᵀ (the
+    neutralising background, the same for every pair)."""
+
+    matrix: jax.Array | None
     diagonal: jax.Array
+    values: jax.Array | None = None
+    neighbors: jax.Array | None = None
+    base: jax.Array | None = None
+    lowrank: jax.Array | None = None
+    uniform: jax.Array | None = None
+    real: jax.Array | None = None
 
     def matvec(self, q):
         """H q (eV/e for q in e)."""
-        return self.matrix @ q
+        if self.matrix is not None:
+            out = self.matrix @ q
+        else:
+            out = self.base * q + jnp.sum(self.values * q[self.neighbors], axis=1)
+        if self.lowrank is not None:
+            out = out + self.lowrank @ (self.lowrank.T @ q)
+        if self.uniform is not None:
+            out = out + self.uniform * self.real * jnp.vdot(self.real, q)
+        return out
+
+    def dense(self):
+        """H as an (N, N) matrix (for dense factorisations; O(N²) memory)."""
+        if self.matrix is not None:
+            h = self.matrix
+        else:
+            n = self.base.shape[0]
+            rows = jnp.broadcast_to(jnp.arange(n)[:, None], self.neighbors.shape)
+            h = jnp.zeros((n, n), self.base.dtype).at[rows, self.neighbors].add(self.values)
+            h = h + jnp.diag(self.base)
+        if self.lowrank is not None:
+            h = h + self.lowrank @ self.lowrank.T
+        if self.uniform is not None:
+            h = h + self.uniform * jnp.outer(self.real, self.real)
+        return h
 
 
 def dense_hardness(kernel, params, system, r, pair_mask, coulomb_constant) -> Hardness:
-    """Dense H of ``system`` for ``kernel`` from its pair distances ``r`` (Å) and ``pair_mask``."""
+    """Dense H of a free-space ``system`` for ``kernel`` from its pair distances ``r`` (Å) and
+    ``pair_mask``."""
     s = system.species
     coupling = kernel.coupling(params, s[:, None], s[None, :], r)
     off = jnp.where(pair_mask, coulomb_constant * coupling, 0.0)
@@ -33,6 +71,40 @@ def dense_hardness(kernel, params, system, r, pair_mask, coulomb_constant) -> Ha
     return Hardness(matrix=off + jnp.diag(diag), diagonal=diag)
 
 
+def pair_hardness(kernel, params, system, pairs, coulomb_constant, coupling=None) -> Hardness:
+    """H from a ``geometry.Pairs`` of any layout: dense all-images (S, N, N) slabs are summed into
+    one matrix whose diagonal holds the self-image couplings; a neighbour list stays matrix-free.
+    ``coupling``: K(params, s_i, s_j, r) in 1/Å (default ``kernel.coupling``)."""
+    coupling = kernel.coupling if coupling is None else coupling
+    s = system.species
+    si, sj = pairs.species(s)
+    values = jnp.where(pairs.mask, coulomb_constant * coupling(params, si, sj, pairs.r), 0.0)
+    base = params.hardness[s] + coulomb_constant * kernel.self_term(params, s)
+    base = jnp.where(system.mask, base, 1.0)
+    if pairs.neighbors is None:
+        off = values if values.ndim == 2 else jnp.sum(values, axis=0)
+        matrix = off + jnp.diag(base)
+        return Hardness(matrix=matrix, diagonal=jnp.diagonal(matrix))
+    own = jnp.sum(jnp.where(pairs.neighbors == jnp.arange(s.shape[0])[:, None], values, 0.0), axis=1)
+    return Hardness(matrix=None, diagonal=base + own, values=values, neighbors=pairs.neighbors, base=base)
+
+
+def add_lowrank(hardness: Hardness, factor) -> Hardness:
+    """H + U Uᵀ for U = ``factor`` (N, P) (zero rows on padding)."""
+    diag = hardness.diagonal + jnp.sum(factor * factor, axis=1)
+    return hardness._replace(lowrank=factor, diagonal=diag)
+
+
+def add_uniform(hardness: Hardness, value, real) -> Hardness:
+    """H + c u uᵀ with c = ``value`` (eV/e²) and u the 0/1 vector of real atoms."""
+    real = real.astype(hardness.diagonal.dtype)
+    return hardness._replace(uniform=value, real=real, diagonal=hardness.diagonal + value * real)
+
+
 def electronegativity(params, system):
-    """χ per atom (eV/e), zero on padding."""
-    return jnp.where(system.mask, params.chi[system.species], 0.0)
+    """χ per atom (eV/e), zero on padding; with an external field E (V/Å) the potential −E·r_i of
+    the field adds −E·r_i (eV/e) to each atom's χ."""
+    chi = params.chi[system.species]
+    if system.field is not None:
+        chi = chi - system.positions @ system.field
+    return jnp.where(system.mask, chi, 0.0)

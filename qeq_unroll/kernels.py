@@ -4,9 +4,15 @@ H_ij = k_e K_ij(r_ij) off the diagonal; H_ii = J_i + k_e S_i with S_i the kernel
 r in Å, K in 1/Å. Each kernel is a small frozen strategy object naming the parameter keys it needs.
 
 - ``gaussian``: erf(r / (√2 γ_ij)) / r with γ_ij = √(σ_i² + σ_j²); self term 1 / (σ_i √π).
+  Free space: all pairs. Periodic cells: Ewald summation (``ewald``), ``cutoff`` being its
+  real-space cutoff (None: chosen from the widths) and ``accuracy`` its relative accuracy.
 - ``reaxff``: Tap(r) / (r³ + (γ_i γ_j)^(-3/2))^(1/3), Tap the 7th-order taper of LAMMPS
   ``fix qeq/reaxff`` with lower radius 0 and upper radius ``cutoff``.
-- ``point``: 1/r, optionally multiplied by the same taper inside ``cutoff``.
+- ``point``: 1/r, optionally cut at ``cutoff``: multiplied by the same taper (``taper=True``) or
+  truncated hard (``taper=False``, what LAMMPS ``fix qeq/point`` does).
+
+Periodic cells: a cutoff kernel sums every image within its cutoff (an atom's own images
+included, on the diagonal of H); it has no neutralising background, so the cell must be neutral.
 """
 
 from __future__ import annotations
@@ -38,15 +44,18 @@ def _check_cutoff(name, cutoff):
 
 @dataclasses.dataclass(frozen=True)
 class Gaussian:
-    """Spherical Gaussian charge densities of width σ (4G-HDNNP / kQEq form). No cutoff."""
+    """Spherical Gaussian charge densities of width σ (4G-HDNNP / kQEq form). Free space: all
+    pairs. Periodic: Ewald sum with real-space ``cutoff`` (Å; None: from the widths) and relative
+    ``accuracy``."""
 
-    cutoff: None = None
+    cutoff: float | None = None
     name: str = "gaussian"
     required: tuple = ("chi", "hardness", "sigma")
+    accuracy: float = 1e-8
+    ewald: bool = dataclasses.field(default=True, init=False)
 
     def __post_init__(self):
-        if self.cutoff is not None:
-            raise QEqInputError("gaussian kernel: free-space sums take all pairs; use cutoff=None")
+        _check_cutoff(self.name, self.cutoff)
 
     def coupling(self, params, si, sj, r):
         s_i, s_j = params.sigma[si], params.sigma[sj]
@@ -64,6 +73,7 @@ class ReaxFF:
     cutoff: float = REAXFF_DEFAULT_CUTOFF
     name: str = "reaxff"
     required: tuple = ("chi", "hardness", "gamma")
+    ewald: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self):
         _check_cutoff(self.name, self.cutoff)
@@ -80,18 +90,25 @@ class ReaxFF:
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """Bare point charges 1/r, tapered to zero at ``cutoff`` when one is given."""
+    """Bare point charges 1/r; with a ``cutoff`` tapered to zero there (``taper=True``) or cut
+    hard (``taper=False``: zero beyond the cutoff, as LAMMPS ``fix qeq/point``)."""
 
     cutoff: float | None = None
     name: str = "point"
     required: tuple = ("chi", "hardness")
+    taper: bool = True
+    ewald: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self):
         _check_cutoff(self.name, self.cutoff)
 
     def coupling(self, params, si, sj, r):
         k = 1.0 / r
-        return k if self.cutoff is None else k * taper(r, self.cutoff)
+        if self.cutoff is None:
+            return k
+        if self.taper:
+            return k * taper(r, self.cutoff)
+        return jnp.where(r <= self.cutoff, k, 0.0)
 
     def self_term(self, params, s):
         return jnp.zeros(s.shape, params.hardness.dtype)

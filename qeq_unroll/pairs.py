@@ -26,9 +26,13 @@ def _uses(params, form):
     return any(form in forms for forms in params.pairs.values())
 
 
-def pair_energy(params, species, r, pair_mask):
-    """Total short-range energy (eV) over the real pairs i < j."""
-    si, sj = species[:, None], species[None, :]
+def pair_energy(params, species, r, pair_mask, neighbors=None):
+    """Total short-range energy (eV) over the real pairs i < j: half the sum over the directed
+    pairs of ``r`` (Å), which is (N, N), (S, N, N) (periodic images) or, with ``neighbors``
+    (N, M) partner indices, a neighbour list. In periodic cells the pairs are those within the
+    kernel's cutoff (the short-range terms are truncated there)."""
+    si = species[:, None]
+    sj = species[None, :] if neighbors is None else species[neighbors]
     e = jnp.zeros_like(r)
     for form in ("born_mayer", "buckingham"):
         if _uses(params, form):

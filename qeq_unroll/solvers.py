@@ -314,7 +314,7 @@ class Exact:
     name: str = dataclasses.field(default="exact", init=False)
 
     def run(self, problem):
-        h = problem.hardness.matrix
+        h = problem.hardness.dense()
         c = indicator(problem.fragments, problem.n_fragments, h.dtype)
         factor = jax.scipy.linalg.cho_factor(h, lower=True)
         s = jax.scipy.linalg.cho_solve(factor, -problem.chi)

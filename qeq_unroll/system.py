@@ -1,6 +1,10 @@
-"""A system of atoms as the core sees it: positions, species, charge constraints, padding.
+"""A system of atoms as the core sees it: positions, species, charge constraints, padding, cell.
 
-Units: positions in Å, charges in e.
+Units: positions and cell in Å, charges in e, external field in V/Å.
+
+Periodic systems carry ``cell`` ((3, 3), cell vectors as rows) and ``pbc`` (three static bools);
+free-space systems have ``cell = None`` and ``pbc = (False, False, False)``. A uniform external
+electric field ``field`` (3,) (None: no field) may point along non-periodic directions only.
 
 Charge constraints are fragments: every real atom carries a fragment label ``0..F-1`` and each
 fragment's charges sum to its target. One fragment holding every atom is the usual total-charge
@@ -19,17 +23,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import QEqInputError
+from .periodic import as_pbc, check_cell
 
 
 @dataclasses.dataclass(frozen=True)
 class System:
     """positions (N, 3) Å; species (N,) int indices into ``Params.elements``; fragments (N,) int
-    labels, -1 for padding; fragment_charges (F,) target charge of each fragment in e."""
+    labels, -1 for padding; fragment_charges (F,) target charge of each fragment in e; cell (3, 3)
+    Å (rows a, b, c) or None; field (3,) V/Å or None; pbc: three static bools."""
 
     positions: jax.Array
     species: jax.Array
     fragments: jax.Array
     fragment_charges: jax.Array
+    cell: jax.Array | None = None
+    field: jax.Array | None = None
+    pbc: tuple = (False, False, False)
 
     @property
     def mask(self) -> jax.Array:
@@ -40,9 +49,16 @@ class System:
     def n_fragments(self) -> int:
         return self.fragment_charges.shape[0]
 
+    @property
+    def periodic(self) -> bool:
+        """True when any direction is periodic."""
+        return any(self.pbc)
+
 
 jax.tree_util.register_dataclass(
-    System, data_fields=["positions", "species", "fragments", "fragment_charges"], meta_fields=[]
+    System,
+    data_fields=["positions", "species", "fragments", "fragment_charges", "cell", "field"],
+    meta_fields=["pbc"],
 )
 
 
@@ -76,12 +92,19 @@ def make_system(
     fragment_charges=None,
     pad_to: int | None = None,
     dtype=None,
+    cell=None,
+    pbc=None,
+    field=None,
 ) -> System:
     """Build a (padded) ``System`` on the host.
 
     ``fragments``/``fragment_charges`` replace the single total-charge constraint when given.
     ``pad_to``: total length after padding (``None``: no padding). Padding atoms sit far away on
-    a line so they never coincide with anything.
+    a line so they never coincide with anything (they take part in no pair, periodic or not).
+    ``cell``: (3, 3) Å, rows are cell vectors (or (3,) for an orthorhombic cell); ``pbc``: a bool or
+    three (None: periodic exactly when a cell is given). Periodic directions need non-zero,
+    linearly independent cell vectors (``periodic.check_cell``). ``field``: uniform external
+    electric field (3,) in V/Å, zero along periodic directions.
     """
     positions = np.asarray(positions, dtype=np.float64)
     check_positions(positions)
@@ -108,10 +131,33 @@ def make_system(
         positions = np.concatenate([positions, pad_pos])
         species = np.concatenate([species, np.zeros(extra, np.int32)])
         fragments = np.concatenate([fragments, -np.ones(extra, np.int32)])
+    pbc = as_pbc(cell is not None if pbc is None else pbc)
+    cell = check_cell(cell, pbc)
+    if field is not None:
+        field = np.asarray(field, dtype=np.float64).reshape(-1)
+        if field.shape != (3,) or not np.all(np.isfinite(field)):
+            raise QEqInputError(f"field must be three finite numbers (V/Å), got {field.tolist()}")
+        check_field(field, cell, pbc)
     dtype = dtype or jnp.asarray(0.0).dtype
     return System(
         positions=jnp.asarray(positions, dtype=dtype),
         species=jnp.asarray(species),
         fragments=jnp.asarray(fragments),
         fragment_charges=jnp.asarray(fragment_charges, dtype=dtype),
+        cell=None if cell is None else jnp.asarray(cell, dtype=dtype),
+        field=None if field is None else jnp.asarray(field, dtype=dtype),
+        pbc=pbc,
     )
+
+
+def check_field(field, cell, pbc) -> None:
+    """A uniform field may not have a component along a periodic direction (the potential −E·r
+    would not be periodic): E·a_k must vanish for every periodic cell vector a_k."""
+    for k in range(3):
+        if pbc[k]:
+            along = float(np.dot(field, cell[k])) / float(np.linalg.norm(cell[k]))
+            if abs(along) > 1e-12 * max(1.0, float(np.linalg.norm(field))):
+                raise QEqInputError(
+                    f"the external field has a component {along:.3g} V/Å along the periodic cell vector "
+                    f"{'abc'[k]}: a uniform field is only allowed along non-periodic directions"
+                )

@@ -88,12 +88,16 @@ def lammps_qeq_charges(
     masses=None,
     padding=5.0,
     workdir=None,
+    cell=None,
 ):
     """Charges (e) of LAMMPS ``fix qeq/<style>`` for a free cluster, in the input atom order.
 
     positions: (N, 3) Å. types: (N,) LAMMPS types 1..ntypes. type_elements: symbol of each type
     (index 0 = type 1); ``params`` is written with ``write_lammps_qeq`` for that map. masses: per
     type (irrelevant for ``run 0``; default 1). Raises RuntimeError when the CG did not converge.
+    cell: None for a free cluster, or a (3, 3) periodic cell (rows a, b, c) in LAMMPS's restricted
+    triclinic form a = (ax, 0, 0), b = (bx, by, 0), c = (cx, cy, cz): ``boundary p p p`` with a
+    ``prism`` region; positions are wrapped into it (every image within the cutoff counts).
     """
     lammps, reason = import_lammps()
     if lammps is None:
@@ -108,17 +112,27 @@ def lammps_qeq_charges(
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         param_file = os.path.join(tmp, f"param.qeq.{style}")
         write_lammps_qeq(params, param_file, type_elements, style=style)
-        lo = positions.min(axis=0) - padding
-        hi = positions.max(axis=0) + padding
-        lmp = lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
-        try:
-            for line in (
-                "units metal",
-                "atom_style charge",
+        if cell is None:
+            lo = positions.min(axis=0) - padding
+            hi = positions.max(axis=0) + padding
+            setup = (
                 "boundary f f f",
                 f"region box block {_num(lo[0])} {_num(hi[0])} {_num(lo[1])} {_num(hi[1])} {_num(lo[2])} {_num(hi[2])}",
-                f"create_box {ntypes} box",
-            ):
+            )
+        else:
+            cell = np.asarray(cell, dtype=np.float64)
+            if abs(cell[0, 1]) + abs(cell[0, 2]) + abs(cell[1, 2]) > 0:
+                raise ValueError("cell must be in LAMMPS's restricted triclinic (lower-triangular) form")
+            frac = positions @ np.linalg.inv(cell)
+            positions = (frac - np.floor(frac)) @ cell
+            (ax, _, _), (bx, by, _), (cx, cy, cz) = cell
+            setup = (
+                "boundary p p p",
+                f"region box prism 0 {_num(ax)} 0 {_num(by)} 0 {_num(cz)} {_num(bx)} {_num(cx)} {_num(cy)}",
+            )
+        lmp = lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
+        try:
+            for line in ("units metal", "atom_style charge", *setup, f"create_box {ntypes} box"):
                 lmp.command(line)
             for t, m in enumerate(masses, start=1):
                 lmp.command(f"mass {t} {_num(m)}")
