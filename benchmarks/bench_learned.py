@@ -3,7 +3,7 @@
 Water clusters (reaxff kernel, ``demo-nacl-water`` set, k_e of LAMMPS): the learned parts are
 trained on clusters of 6-20 molecules and evaluated on held-out clusters of 32 and 48 molecules.
 Reported: charge RMS error against the exact solve for K = 1..16, the iterations Jacobi-CG from
-q = 0 needs to match the learned K = 4 solve, force errors, the cost per iteration (median wall
+q = 0 needs to match the learned K = 4 solve, force errors, the cost per iteration (fastest wall
 time of K = 16 minus K = 4 solves over 12 iterations, after JIT warm-up) and the sensitivity of
 the learned solve to a 1e-3 relative change of its parameters.
 
