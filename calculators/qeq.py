@@ -9,6 +9,11 @@ Units as in ASE: energy eV, forces eV/Å, charges e, dipole e·Å.
 Every property comes from one jitted evaluation of ``qeq_unroll.energy_and_forces``. Structures
 are padded to size buckets (``qeq_unroll.size_bucket``), so moving atoms never recompiles and a
 change of atom count recompiles at most once per bucket.
+
+Periodic atoms (any ``atoms.pbc``) go through ``qeq_unroll.energy_forces_stress`` with the
+kernel's neighbours (``energy.neighbors``): built once, updated inside the jitted call as atoms
+move, and rebuilt on the host (never used stale) when the list overflows or the cell changes.
+Stress (ASE Voigt order, eV/Å³) needs a non-singular cell.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class QEqCalculator(Calculator):
     charges). coulomb_constant: eV·Å. dtype: "float64" (needs JAX x64 enabled) | "float32".
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "charges", "dipole"]
+    implemented_properties = ["energy", "free_energy", "forces", "charges", "dipole", "stress"]
     default_parameters = dict(
         params="rappe-goddard-1991",
         kernel="gaussian",
@@ -55,6 +60,7 @@ class QEqCalculator(Calculator):
         total_charge=None,
         coulomb_constant=qeq_unroll.COULOMB_CONSTANT,
         dtype="float64",
+        skin=qeq_unroll.neighbors.DEFAULT_SKIN,
     )
 
     def __init__(self, **kwargs):
@@ -78,13 +84,25 @@ class QEqCalculator(Calculator):
         self.gradient = qeq_unroll.get_gradient(p.gradient)
         self.qeq_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self._dtype), params)
         energy = qeq_unroll.qeq_energy(self.kernel, self.solver, self.gradient, p.coulomb_constant)
+        self._energy = energy
         self._evaluate = jax.jit(qeq_unroll.energy_and_forces(energy))
+        efs = qeq_unroll.energy_forces_stress(energy)
+
+        def periodic_step(params, system, neighbors):
+            neighbors = energy.update_neighbors(neighbors, system)
+            e, f, stress, aux = efs(params, system, neighbors)
+            return e, f, stress, aux, neighbors
+
+        self._evaluate_periodic = jax.jit(periodic_step)
+        self._neighbors = None
+        self._neighbors_key = None
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         if atoms.pbc.any():
-            raise QEqInputError("periodic cells are not supported yet: set atoms.pbc = False")
+            self._calculate_periodic(atoms, properties)
+            return
         species = self.qeq_params.species_indices(atoms.get_chemical_symbols())
         self.qeq_params.require(self.kernel.required, species)
         total = self.parameters.total_charge
@@ -108,6 +126,58 @@ class QEqCalculator(Calculator):
             "qeq_converged": bool(aux["converged"]),
         }
 
+    def _calculate_periodic(self, atoms, properties):
+        if self.parameters.solver == "learned":
+            raise QEqInputError("the learned solver does not support periodic cells yet: set atoms.pbc = False")
+        species = self.qeq_params.species_indices(atoms.get_chemical_symbols())
+        self.qeq_params.require(self.kernel.required, species)
+        total = self.parameters.total_charge
+        if total is None:
+            total = float(np.sum(atoms.get_initial_charges()))
+        pbc = tuple(bool(b) for b in atoms.pbc)
+        cell = np.asarray(atoms.cell[:], dtype=float)
+        system = qeq_unroll.make_system(atoms.positions, species, total_charge=total, cell=cell, pbc=pbc, dtype=self._dtype)
+        singular = abs(np.linalg.det(cell)) < 1e-9 * max(1.0, np.abs(cell).max()) ** 3
+        if "stress" in properties and singular:
+            raise QEqInputError(
+                f"stress needs a non-singular cell (volume > 0), got cell {cell.tolist()}: give every "
+                "non-periodic direction a cell vector too"
+            )
+        key = (len(atoms), pbc, tuple(sorted(set(species.tolist()))), float(total))
+        for attempt in range(3):
+            if self._neighbors is None or self._neighbors_key != key or self._cell_changed(cell):
+                self._neighbors = self._energy.neighbors(system, self.qeq_params, skin=self.parameters.skin)
+                self._neighbors_key = key
+                self._neighbors_cell = cell.copy()
+            energy, forces, stress, aux, neighbors = self._evaluate_periodic(self.qeq_params, system, self._neighbors)
+            if not bool(neighbors.overflow):
+                break
+            self._neighbors = None  # overflowed or stale: reallocate and evaluate again
+        else:
+            raise QEqInputError("the neighbour list kept overflowing after reallocation")
+        self._neighbors = neighbors
+        self._check(aux)
+        n = len(atoms)
+        q = np.asarray(aux["charges"][:n], dtype=float)
+        self.results = {
+            "energy": float(energy),
+            "free_energy": float(energy),
+            "forces": np.asarray(forces[:n], dtype=float),
+            "charges": q,
+            "dipole": q @ atoms.positions,
+            "qeq_residual": float(aux["residual"]),
+            "qeq_iterations": int(aux["iterations"]),
+            "qeq_converged": bool(aux["converged"]),
+        }
+        if not singular:
+            s = np.asarray(stress, dtype=float)
+            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+
+    def _cell_changed(self, cell):
+        """Image lists and Ewald plans belong to one cell: rebuild when it changes (neighbour lists
+        flag it themselves, but a rebuild costs little next to a cell change)."""
+        return not np.array_equal(cell, getattr(self, "_neighbors_cell", None))
+
     def _check(self, aux):
         """Turn the evaluation's diagnostics into clear errors and warnings."""
         if float(aux["min_distance"]) < MIN_DISTANCE:
@@ -118,8 +188,9 @@ class QEqCalculator(Calculator):
         if not bool(aux["positive_definite"]) or not np.all(np.isfinite(np.asarray(aux["charges"]))):
             raise QEqConvergenceError(
                 f"the hardness matrix of kernel '{self.kernel.name}' is not positive definite at this "
-                "geometry (the charges would run away): atoms too close for this kernel, or hardness too "
-                "small; use a shielded kernel ('gaussian' or 'reaxff') or larger hardness"
+                "geometry (the charges would run away): atoms too close for the kernel's shielding, or "
+                "hardness too small; use more shielding (the 'gaussian' kernel, larger reaxff gamma) or "
+                "larger hardness"
             )
         if not bool(aux["converged"]):
             solver = self.solver

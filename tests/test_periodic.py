@@ -130,6 +130,18 @@ def lammps_available():
 # --- all-images sums --------------------------------------------------------------------------------
 
 
+def test_layouts_agree_on_forces_and_stress():
+    """Image list and neighbour list: same energy, forces and stress (reaxff, replicated cell)."""
+    pos, kinds, cell = triclinic(n=3, rattle=0.15, seed=7)
+    system = system_of(pos[:26], kinds[:26], cell)
+    energy = qu.qeq_energy(qu.ReaxFF(cutoff=7.0), qu.CG(iterations=3), "unrolled")
+    f = jax.jit(energy_forces_stress(energy))
+    out = [f(PARAMS, system, energy.neighbors(system, layout=layout)) for layout in ("images", "list")]
+    assert abs(float(out[0][0] - out[1][0])) < 1e-10
+    np.testing.assert_allclose(out[0][1], out[1][1], atol=1e-10)
+    np.testing.assert_allclose(out[0][2], out[1][2], atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["triclinic64", "nacl8"])
 @pytest.mark.parametrize("layout", ["images", "list"])
 def test_cutoff_kernels_match_numpy_reference(name, layout):
@@ -271,7 +283,83 @@ def test_fd_forces_and_stress_cutoff_kernels(kernel, solver, gradient):
     pos, kinds = pos[:26], kinds[:26]  # ...until one is dropped (13 Na, 13 Cl)
     assert kinds.sum() == 13
     system = system_of(pos, kinds, cell)  # heights ~10 Å < 2 r_c: images of the cell count
-    for layout in ("images", "list"):
-        stress_err, force_err = check_fd(CUTOFF_KERNELS[kernel], solver, gradient, system, layout)
-        assert stress_err < 1e-6, layout
-        assert force_err < 1e-7, layout
+    layout = "images" if gradient == "unrolled" else "list"  # (the layouts agree: see above)
+    stress_err, force_err = check_fd(CUTOFF_KERNELS[kernel], solver, gradient, system, layout)
+    assert stress_err < 1e-6
+    assert force_err < 1e-7
+
+
+# --- the ASE calculator ------------------------------------------------------------------------------
+
+
+def ase_atoms(pos, kinds, cell, pbc=True):
+    from ase import Atoms
+
+    return Atoms([TYPE_ELEMENTS[k] for k in kinds], positions=pos, cell=cell, pbc=pbc)
+
+
+def test_calculator_periodic_matches_core_and_reuses_neighbours():
+    from calculators import QEqCalculator
+
+    pos, kinds, cell = rock_salt(2, rattle=0.08, seed=11)  # 64 atoms, 11.3 Å: images of the cell count
+    atoms = ase_atoms(pos, kinds, cell)
+    calc = QEqCalculator(params=PARAMS, kernel="reaxff", cutoff=7.0, solver="cg", iterations=3)
+    atoms.calc = calc
+    e = atoms.get_potential_energy()
+    energy = qu.qeq_energy(qu.ReaxFF(cutoff=7.0), qu.CG(iterations=3), "unrolled")
+    system = system_of(pos, kinds, cell)
+    e_ref, f_ref, s_ref, aux = energy_forces_stress(energy)(PARAMS, system, energy.neighbors(system, PARAMS, layout="images"))
+    assert abs(e - float(e_ref)) < 1e-9
+    np.testing.assert_allclose(atoms.get_forces(), f_ref, atol=1e-9)
+    np.testing.assert_allclose(atoms.get_charges(), aux["charges"], atol=1e-11)
+    s = np.asarray(s_ref)
+    np.testing.assert_allclose(atoms.get_stress(), [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], atol=1e-10)
+    # ASE's own finite-difference stress of the calculator agrees
+    from ase.calculators.fd import calculate_numerical_stress
+
+    np.testing.assert_allclose(calculate_numerical_stress(atoms, eps=1e-5), atoms.get_stress(), atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "cell, pbc, kwargs, message",
+    [
+        (np.diag([11.0, 11.0, 0.0]), True, {}, r"cell vector c is zero but direction c is periodic"),
+        (np.array([[11.0, 0, 0], [0, 11.0, 0], [11.0, 11.0, 0.0]]), True, {}, r"singular cell"),
+        (np.eye(3) * 11.0, True, dict(kernel="point", cutoff=None), r"kernel 'point' in a periodic cell needs a cutoff"),
+        (np.eye(3) * 11.0, True, dict(kernel="gaussian", cutoff=4.0), r"Ewald accuracy 1e-08 cannot be reached with a real-space cutoff of 4.0"),
+        (np.eye(3) * 11.0, True, dict(kernel="reaxff", total_charge=1.0), r"charged periodic cell \(total charge 1 e\) with kernel 'reaxff'"),
+    ],
+)
+def test_calculator_bad_periodic_input(cell, pbc, kwargs, message):
+    from calculators import QEqCalculator
+
+    pos, kinds, _ = rock_salt(2, a=5.5, rattle=0.0)
+    atoms = ase_atoms(pos, kinds, cell, pbc)
+    atoms.calc = QEqCalculator(params=PARAMS, **{"kernel": "reaxff", "cutoff": 7.0, **kwargs})
+    with pytest.raises(QEqInputError, match=message):
+        atoms.get_potential_energy()
+
+
+def test_calculator_slab_without_c_vector_has_no_stress():
+    from calculators import QEqCalculator
+
+    pos, kinds, cell = rock_salt(2, rattle=0.05, seed=2)
+    flat = cell.copy()
+    flat[2] = 0.0
+    atoms = ase_atoms(pos, kinds, flat, pbc=(True, True, False))
+    atoms.calc = QEqCalculator(params=PARAMS, kernel="reaxff", cutoff=7.0, solver="exact", gradient="implicit")
+    assert np.isfinite(atoms.get_potential_energy())
+    with pytest.raises(QEqInputError, match=r"stress needs a non-singular cell"):
+        atoms.get_stress()
+
+
+def test_cell_relaxation_example_converges(tmp_path):
+    """examples/relax_cell.py: atoms and cell of rock salt with ASE's FrechetCellFilter (8 atoms)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "relax_cell.py"
+    spec = importlib.util.spec_from_file_location("relax_cell", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path / "relax.traj"), "--reps", "1", "--fmax", "0.02"])
