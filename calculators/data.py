@@ -1,0 +1,153 @@
+"""Reference data from extended XYZ files (through ``ase.io``) as a ``qeq_unroll.dataset.Dataset``.
+
+Units as in ASE: energies eV, forces eV/Å, charges e, dipoles e·Å.
+
+    from calculators.data import read_reference, shipped_reference
+    data, report = read_reference(shipped_reference("train"), params)
+
+Each property is looked up under its key (defaults ``REF_energy``, ``REF_forces``, ``REF_charges``,
+``REF_dipole``; configurable) in ``atoms.info`` (energy, dipole) or ``atoms.arrays`` (forces,
+charges), and failing that in the results of a calculator attached by the reader (e.g. the
+``energy``/``forces`` columns ASE turns into a single-point calculator), under the key itself or the
+property's plain name. The total charge of a structure is ``info["total_charge"]``, else
+``info["charge"]``, else the sum of the initial charges, else 0.
+
+Errors name the file: a *required* property missing from a configuration, elements the parameter
+set lacks, periodic cells. Configurations with non-finite coordinates or reference values are
+skipped and counted in the report (``on_nonfinite="error"`` makes them an error).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from ase.io import read
+
+from qeq_unroll.dataset import PROPERTIES, Configuration, Dataset, is_finite
+from qeq_unroll.errors import QEqInputError
+from qeq_unroll.params import Params
+
+#: Default keys of the reference properties.
+DEFAULT_KEYS = {"energy": "REF_energy", "forces": "REF_forces", "charges": "REF_charges", "dipole": "REF_dipole"}
+#: The shipped GFN2-xTB set (see examples/make_reference_data.py): "train" and "heldout".
+SHIPPED = {"train": "xtb-train.xyz", "heldout": "xtb-heldout.xyz"}
+_PER_ATOM = {"forces": (3,), "charges": ()}
+
+
+def shipped_reference(part: str = "train") -> Path:
+    """Path of a shipped GFN2-xTB reference file: ``"train"`` (NaCl clusters of 8, 16, 24, 32 atoms
+    and water clusters of 1-6 molecules) or ``"heldout"`` (NaCl clusters of 12, 20, 28 atoms)."""
+    if part not in SHIPPED:
+        raise QEqInputError(f"unknown shipped reference part '{part}' (valid: {', '.join(SHIPPED)})")
+    return Path(str(resources.files("qeq_unroll.data").joinpath("reference", SHIPPED[part])))
+
+
+def _lookup(atoms, term: str, key: str):
+    """The value of ``term`` stored under ``key`` (info/arrays, then calculator results)."""
+    where = atoms.arrays if term in _PER_ATOM else atoms.info
+    if key in where:
+        return np.asarray(where[key], dtype=float)
+    results = getattr(atoms.calc, "results", None) or {}
+    for name in (key, term):
+        if name in results:
+            return np.asarray(results[name], dtype=float)
+    return None
+
+
+def _total_charge(atoms) -> float:
+    for key in ("total_charge", "charge"):
+        if key in atoms.info:
+            return float(atoms.info[key])
+    if "initial_charges" in atoms.arrays:
+        return float(np.sum(atoms.arrays["initial_charges"]))
+    return 0.0
+
+
+def read_reference(
+    paths: "str | os.PathLike | Sequence[str | os.PathLike]",
+    params: Params,
+    keys: Mapping[str, str] | None = None,
+    required: Sequence[str] = ("energy", "forces"),
+    index: str = ":",
+    on_nonfinite: str = "skip",
+) -> tuple[Dataset, dict]:
+    """Read extended XYZ file(s) into a ``Dataset`` over ``params.elements``.
+
+    keys: ``{property: key}`` overriding ``DEFAULT_KEYS`` (properties: energy, forces, charges,
+    dipole). required: properties every configuration must have (others are read where present).
+    index: ASE index string of the configurations to read. on_nonfinite: "skip" (count and report)
+    or "error". Returns ``(dataset, report)``; the report has ``files``, ``configurations`` (read),
+    ``skipped_nonfinite`` (``file:index`` of skipped ones) and ``properties`` (how many have each).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    keys = {**DEFAULT_KEYS, **(keys or {})}
+    unknown = set(keys) - set(PROPERTIES)
+    if unknown:
+        raise QEqInputError(f"unknown reference propert(ies) {sorted(unknown)} (valid: {', '.join(PROPERTIES)})")
+    bad_required = set(required) - set(PROPERTIES)
+    if bad_required:
+        raise QEqInputError(f"unknown required propert(ies) {sorted(bad_required)} (valid: {', '.join(PROPERTIES)})")
+    if on_nonfinite not in ("skip", "error"):
+        raise QEqInputError(f"on_nonfinite must be 'skip' or 'error', got '{on_nonfinite}'")
+    index_of = {e: i for i, e in enumerate(params.elements)}
+    configurations, skipped = [], []
+    counts = {p: 0 for p in PROPERTIES}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise QEqInputError(f"reference data file {path} does not exist")
+        try:
+            frames = read(path, index=index, format="extxyz")
+        except Exception as exc:  # ASE raises many kinds on malformed files
+            raise QEqInputError(f"cannot read {path} as extended XYZ: {exc}") from exc
+        if not isinstance(frames, list):
+            frames = [frames]
+        missing_el = sorted({s for a in frames for s in a.get_chemical_symbols() if s not in index_of})
+        if missing_el:
+            raise QEqInputError(
+                f"{path}: element(s) {', '.join(missing_el)} missing from parameter set '{params.name}' "
+                f"(it has {', '.join(params.elements)})"
+            )
+        for k, atoms in enumerate(frames):
+            source = f"{path}:{k}"
+            if atoms.pbc.any():
+                raise QEqInputError(f"{source}: periodic cells are not supported (pbc = {atoms.pbc.tolist()})")
+            values = {}
+            for term in PROPERTIES:
+                v = _lookup(atoms, term, keys[term])
+                if v is None and term in required:
+                    raise QEqInputError(
+                        f"{path}: configuration {k} has no '{keys[term]}' ({term}); "
+                        f"keys present: info {sorted(atoms.info)}, arrays {sorted(atoms.arrays)}"
+                    )
+                values[term] = v
+            c = Configuration(
+                positions=np.asarray(atoms.positions, dtype=float),
+                species=np.asarray([index_of[s] for s in atoms.get_chemical_symbols()], dtype=np.int32),
+                total_charge=_total_charge(atoms),
+                energy=None if values["energy"] is None else float(np.reshape(values["energy"], ())),
+                forces=values["forces"],
+                charges=values["charges"],
+                dipole=values["dipole"],
+                source=source,
+            )
+            if not is_finite(c):
+                if on_nonfinite == "error":
+                    raise QEqInputError(f"{source}: non-finite coordinates or reference values")
+                skipped.append(source)
+                continue
+            for term in PROPERTIES:
+                counts[term] += values[term] is not None
+            configurations.append(c)
+    report = dict(
+        files=[str(p) for p in paths],
+        configurations=len(configurations),
+        skipped_nonfinite=skipped,
+        properties=counts,
+    )
+    return Dataset(tuple(params.elements), tuple(configurations)), report

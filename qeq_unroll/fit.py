@@ -1,0 +1,935 @@
+"""Fitting the parameters to reference energies, forces, charges and dipoles, through the solver.
+
+Units: energies eV, forces eV/Å, charges e, dipoles e·Å; metrics report the energy per atom in
+meV/atom.
+
+The model is the one energy function (``energy.qeq_energy``): predictions come from
+``energy_and_forces(energy)`` mapped over a batch, so the forces in the loss are the derivative of
+the energy the model reports, and parameter gradients of a force loss are second derivatives
+through the charge solver (``unrolled`` or ``implicit`` gradient mode; ``envelope`` gives wrong
+parameter gradients, see the tests).
+
+Loss of a batch (means over the structures/atoms/components that have the reference)::
+
+    w_E <((E + Σ_e n_e b_e − E_ref) / N)²> + w_F <(F − F_ref)²> + w_q <(q − q_ref)²>
+    + w_μ <(μ − μ_ref)²> + w_pull Σ ((θ − θ₀)/s)²
+
+with per-element energy offsets b_e (fitted; reference energies with any zero work), and the pull
+toward the start θ₀ measured in the raw coordinates below (s = 1 for logarithms, max(|x₀|, 1)
+otherwise).
+
+Raw coordinates (what the optimiser sees) keep the physics by construction: hardness J, widths
+σ and γ and the positive pair coefficients (A, ρ, a, r0, D) are trained as logarithms, so they stay
+positive at every step; χ and the Buckingham C are trained as they are. Only the elements present
+in the training data are trained. χ is only defined up to a common shift per charge constraint
+(a uniform shift of every χ leaves neutral systems' charges and energies unchanged), so when all
+training structures are neutral the mean χ of the trained elements is held at its start value
+(``chi_gauge``); compare χ *differences* between sets.
+
+The loop (:func:`fit`): optax Adam (default, with global-norm clipping and a cosine learning-rate
+schedule) on mini-batches bucketed by size, or full-batch L-BFGS (one iteration per epoch);
+metrics on train and validation after every epoch; early stopping on the validation loss (the
+best parameters are returned); a checkpoint every N steps written atomically; ``resume``
+continues exactly (parameters, optimiser state, the epoch's batch order and position); a JSON-lines
+log. ``devices > 1`` splits every batch across devices with ``jax.sharding`` (data parallel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .dataset import Batch, Batcher, BatchPlan, Dataset, epoch_plan, plan_batches
+from .energy import dipole_moment, energy_and_forces
+from .errors import QEqInputError
+from .params import PAIR_FORMS, Params, pair_key, write_atomic
+
+#: Groups of parameters that can be trained.
+GROUPS = ("chi", "hardness", "sigma", "gamma", "pairs")
+#: Element keys trained as logarithms (positive by construction).
+LOG_ELEMENT_KEYS = ("hardness", "sigma", "gamma")
+#: Pair coefficients trained as logarithms (positive by construction); A only when it starts > 0.
+LOG_PAIR_KEYS = ("A", "rho", "a", "r0", "D")
+#: Terms of the loss, in the order of ``FitConfig.weights``.
+TERMS = ("energy", "forces", "charges", "dipole")
+CHECKPOINT_FORMAT = "qeq-unroll-fit-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# --- parametrisation -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Parametrisation:
+    """Maps ``Params`` to the raw, unconstrained coordinates the optimiser updates and back.
+
+    Static (hashable) part: groups: trained groups (subset of ``GROUPS``); elements: indices of
+    the trained elements; chi_gauge: hold the mean χ of the trained elements at its start value;
+    pair_coeffs: the trained pair coefficients as ``(pair_key, form, coeff, kind)`` with kind
+    "log" (the raw value is the logarithm), "linear", or "log_at_ref" for the prefactor A of an
+    exponential repulsion A e^(−r/ρ), whose raw value is log(A e^(−r_ref/ρ)), the logarithm of the
+    repulsion at the pair's typical contact distance r_ref (Å). A and ρ are nearly degenerate over
+    the narrow range of distances in the data; the energy at r_ref and ρ are not.
+
+    The numbers the mapping needs (the start ``Params``, the χ mean, the r_ref) form the
+    *anchor* (:meth:`anchor`), a pytree passed to compiled functions as data, so fits that differ
+    only in those numbers share one compiled step.
+    """
+
+    groups: tuple[str, ...]
+    elements: tuple[int, ...]
+    chi_gauge: bool
+    pair_coeffs: tuple[tuple[str, str, str, str], ...]
+
+    def anchor(self, params: Params, pair_distances: Mapping[str, float] | None = None) -> dict:
+        """``{"params", "chi_mean", "r_ref"}`` for start ``params`` and contact distances (Å)."""
+        pair_distances = pair_distances or {}
+        chi = np.asarray(params.chi)[list(self.elements)] if self.elements else np.zeros(1)
+        dtype = jnp.asarray(params.chi).dtype
+        r_ref = {
+            _pair_name(k, f, c): jnp.asarray(float(pair_distances[k]), dtype)
+            for k, f, c, kind in self.pair_coeffs
+            if kind == "log_at_ref"
+        }
+        return {"params": params, "chi_mean": jnp.asarray(float(np.mean(chi)), dtype), "r_ref": r_ref}
+
+    def raw(self, anchor: Mapping, offsets) -> dict:
+        """Raw coordinates of the anchor's parameters, and the energy offsets (eV per element)."""
+        params = anchor["params"]
+        idx = np.asarray(self.elements, dtype=np.int32)
+        raw = {"offsets": jnp.asarray(offsets)}
+        if "chi" in self.groups:
+            raw["chi"] = jnp.asarray(params.chi)[idx]
+        for key in LOG_ELEMENT_KEYS:
+            if key in self.groups:
+                raw[key] = jnp.log(jnp.asarray(getattr(params, key))[idx])
+        if self.pair_coeffs:
+            out = {}
+            for k, f, c, kind in self.pair_coeffs:
+                name = _pair_name(k, f, c)
+                v = jnp.asarray(params.pairs[k][f][c])
+                if kind == "log":
+                    v = jnp.log(v)
+                elif kind == "log_at_ref":
+                    v = jnp.log(v) - anchor["r_ref"][name] / params.pairs[k][f]["rho"]
+                out[name] = v
+            raw["pairs"] = out
+        return raw
+
+    def params(self, raw: Mapping, anchor: Mapping) -> Params:
+        """The ``Params`` of raw coordinates ``raw``; untrained entries come from the anchor."""
+        base = anchor["params"]
+        idx = np.asarray(self.elements, dtype=np.int32)
+        changes = {}
+        if "chi" in raw:
+            chi = raw["chi"]
+            if self.chi_gauge:
+                chi = chi - jnp.mean(chi) + anchor["chi_mean"]
+            changes["chi"] = base.chi.at[idx].set(chi)
+        for key in LOG_ELEMENT_KEYS:
+            if key in raw:
+                changes[key] = getattr(base, key).at[idx].set(jnp.exp(raw[key]))
+        if "pairs" in raw:
+            pairs = {k: {f: dict(c) for f, c in forms.items()} for k, forms in base.pairs.items()}
+            for k, f, c, kind in self.pair_coeffs:
+                v = raw["pairs"][_pair_name(k, f, c)]
+                if kind != "log_at_ref":
+                    pairs[k][f][c] = jnp.exp(v) if kind == "log" else v
+            for k, f, c, kind in self.pair_coeffs:  # after rho is known
+                if kind == "log_at_ref":
+                    name = _pair_name(k, f, c)
+                    pairs[k][f][c] = jnp.exp(raw["pairs"][name] + anchor["r_ref"][name] / pairs[k][f]["rho"])
+            changes["pairs"] = pairs
+        return base.replace(**changes)
+
+    def pull(self, raw: Mapping, raw0: Mapping):
+        """Σ ((θ − θ₀)/s)² over the trained coordinates (offsets left out)."""
+        total = 0.0
+        for key in ("chi",) + LOG_ELEMENT_KEYS:
+            if key in raw:
+                scale = 1.0 if key != "chi" else jnp.maximum(jnp.abs(raw0[key]), 1.0)
+                total = total + jnp.sum(((raw[key] - raw0[key]) / scale) ** 2)
+        if "pairs" in raw:
+            for k, f, c, kind in self.pair_coeffs:
+                name = _pair_name(k, f, c)
+                scale = 1.0 if kind != "linear" else jnp.maximum(jnp.abs(raw0["pairs"][name]), 1.0)
+                total = total + ((raw["pairs"][name] - raw0["pairs"][name]) / scale) ** 2
+        return total
+
+
+def _pair_name(key, form, coeff):
+    return f"{key}.{form}.{coeff}"
+
+
+def pair_reference_distances(dataset: Dataset) -> dict:
+    """For each element pair in the data, the median over structures of the shortest distance
+    between two such atoms (Å): the typical contact distance of that pair."""
+    shortest: dict[str, list[float]] = {}
+    els = dataset.elements
+    for c in dataset.configurations:
+        d = np.linalg.norm(c.positions[:, None, :] - c.positions[None, :, :], axis=-1)
+        np.fill_diagonal(d, np.inf)
+        present = sorted(set(int(s) for s in c.species))
+        for a in present:
+            for b in present:
+                if a > b:
+                    continue
+                sub = d[np.ix_(c.species == a, c.species == b)]
+                if np.isfinite(sub).any():
+                    shortest.setdefault(pair_key(els[a], els[b]), []).append(float(np.min(sub)))
+    return {k: float(np.median(v)) for k, v in shortest.items()}
+
+
+def make_parametrisation(
+    params: Params,
+    groups: Sequence[str],
+    elements: Sequence[int],
+    chi_gauge: bool,
+    pair_distances: Mapping[str, float] | None = None,
+) -> Parametrisation:
+    """Check that ``params`` has what ``groups`` train for ``elements`` and build the mapping.
+    pair_distances: typical contact distance per pair key (Å, e.g. from
+    :func:`pair_reference_distances`); without one a prefactor A is trained as log A."""
+    groups = tuple(dict.fromkeys(groups))
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise QEqInputError(f"unknown parameter group(s) {unknown} to train (valid: {', '.join(GROUPS)})")
+    if not groups:
+        raise QEqInputError("nothing to train: give at least one of " + ", ".join(GROUPS))
+    elements = tuple(int(e) for e in elements)
+    element_keys = [g for g in groups if g != "pairs"]
+    if element_keys:
+        params.require(element_keys, elements)
+    pair_distances = pair_distances or {}
+    pair_coeffs = []
+    if "pairs" in groups:
+        names = {params.elements[e] for e in elements}
+        for key in sorted(params.pairs):
+            if not set(key.split("-")) <= names:
+                continue  # a pair of elements absent from the data: nothing to learn
+            for form in sorted(params.pairs[key]):
+                for coeff in PAIR_FORMS[form]:
+                    value = float(params.pairs[key][form][coeff])
+                    kind = "log" if (coeff in LOG_PAIR_KEYS and value > 0) else "linear"
+                    if coeff == "A" and kind == "log" and form in ("born_mayer", "buckingham") and pair_distances.get(key):
+                        kind = "log_at_ref"
+                    pair_coeffs.append((key, form, coeff, kind))
+        if not pair_coeffs:
+            raise QEqInputError(
+                f"'pairs' is to be trained but parameter set '{params.name}' has no pair terms between "
+                f"the elements of the data ({', '.join(sorted(names))}); add them to the start set"
+            )
+    return Parametrisation(groups, elements, bool(chi_gauge and "chi" in groups), tuple(pair_coeffs))
+
+
+# --- predictions, losses, metrics ------------------------------------------------------------
+def predict(evaluate: Callable, params: Params, offsets, batch: Batch) -> dict:
+    """Model predictions for a batch: ``energy`` (B,) eV including the offsets, ``forces``
+    (B, N, 3), ``charges`` (B, N), ``dipole`` (B, 3), and the solver diagnostics.
+    ``evaluate`` is ``energy_and_forces(energy)``."""
+    e, f, aux = jax.vmap(evaluate, in_axes=(None, 0))(params, batch.system)
+    q = aux["charges"]
+    return dict(
+        energy=e + batch.counts @ offsets,
+        forces=f,
+        charges=q,
+        dipole=jax.vmap(dipole_moment)(q, batch.system.positions),
+        residual=aux["residual"],
+        converged=aux["converged"],
+    )
+
+
+def batch_sums(evaluate: Callable, params: Params, offsets, batch: Batch) -> dict:
+    """Sums of squared and absolute errors of a batch, and how many values each sum holds.
+    Weight-zero fillers and padding atoms take no part."""
+    p = predict(evaluate, params, offsets, batch)
+    atom = batch.system.fragments >= 0
+    real = batch.weight > 0
+
+    def masked(mask, x):
+        return jnp.where(mask, x, 0.0)
+
+    we = real & (batch.has_energy > 0)
+    de = masked(we, (p["energy"] - batch.energy) / batch.n_atoms)
+    wf = (real & (batch.has_forces > 0))[:, None] & atom
+    df = masked(wf[..., None], p["forces"] - batch.forces)
+    wq = (real & (batch.has_charges > 0))[:, None] & atom
+    dq = masked(wq, p["charges"] - batch.charges)
+    wd = real & (batch.has_dipole > 0)
+    dd = masked(wd[:, None], p["dipole"] - batch.dipole)
+    return dict(
+        energy_sq=jnp.sum(de**2),
+        energy_abs=jnp.sum(jnp.abs(de)),
+        energy_n=jnp.sum(we),
+        forces_sq=jnp.sum(df**2),
+        forces_abs=jnp.sum(jnp.abs(df)),
+        forces_n=3.0 * jnp.sum(wf),
+        charges_sq=jnp.sum(dq**2),
+        charges_n=jnp.sum(wq),
+        dipole_sq=jnp.sum(dd**2),
+        dipole_n=3.0 * jnp.sum(wd),
+        configurations=jnp.sum(real),
+        unconverged=jnp.sum(real & ~p["converged"]),
+        max_residual=jnp.max(jnp.where(real, p["residual"], 0.0)),
+    )
+
+
+def add_sums(a: Mapping, b: Mapping) -> dict:
+    return {k: (jnp.maximum(a[k], b[k]) if k == "max_residual" else a[k] + b[k]) for k in a}
+
+
+def loss_from_sums(sums: Mapping, weights: Mapping):
+    """Σ_term w_term × (mean squared error of the term); terms without data contribute 0."""
+    total = 0.0
+    for term in TERMS:
+        w = float(weights.get(term, 0.0))
+        if w:
+            total = total + w * sums[f"{term}_sq"] / jnp.maximum(sums[f"{term}_n"], 1.0)
+    return total
+
+
+def metrics_from_sums(sums: Mapping, weights: Mapping) -> dict:
+    """Host-side metrics: energy MAE and RMSE in meV/atom, force RMSE and MAE in eV/Å (over
+    Cartesian components), charge RMSE in e, dipole RMSE in e·Å (per component), the loss (no
+    pull), the number of structures and of unconverged solves. ``None`` where no reference."""
+    s = {k: float(v) for k, v in sums.items()}
+
+    def ratio(num, den, f=lambda x: x):
+        return f(s[num] / s[den]) if s[den] > 0 else None
+
+    return dict(
+        loss=float(loss_from_sums(s, weights)),
+        energy_mae=None if s["energy_n"] == 0 else 1000.0 * s["energy_abs"] / s["energy_n"],
+        energy_rmse=None if s["energy_n"] == 0 else 1000.0 * math.sqrt(s["energy_sq"] / s["energy_n"]),
+        force_rmse=ratio("forces_sq", "forces_n", math.sqrt),
+        force_mae=ratio("forces_abs", "forces_n"),
+        charge_rmse=ratio("charges_sq", "charges_n", math.sqrt),
+        dipole_rmse=ratio("dipole_sq", "dipole_n", math.sqrt),
+        configurations=int(s["configurations"]),
+        unconverged=int(s["unconverged"]),
+        max_residual=s["max_residual"],
+    )
+
+
+# --- configuration and result ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """What is trained and how.
+
+    train: groups of ``GROUPS``. weights: loss weights of ``TERMS`` (energy per atom in
+    (eV/atom)⁻², forces (eV/Å)⁻², charges e⁻², dipole (e·Å)⁻²). pull: weight of the pull toward the
+    start. optimizer: "adam" | "lbfgs" (full batch, one iteration per epoch). learning_rate: Adam's
+    peak rate in raw coordinates (ignored by L-BFGS, which line-searches). schedule: "cosine"
+    (decay to ``final_lr_fraction`` over the fit) | "constant". clip_norm: global gradient-norm
+    clip for Adam (None: off). epochs; batch_size (structures per batch; rounded up to a
+    multiple of ``devices``). patience: epochs without a validation improvement of more than
+    ``min_delta`` (relative) before stopping (None: never). seed: shuffling. checkpoint_every:
+    optimiser steps between checkpoints. chi_gauge: "auto" (when all training data are neutral),
+    True or False. devices: number of devices to split each batch across.
+    """
+
+    train: tuple[str, ...] = ("chi", "hardness", "sigma", "pairs")
+    weights: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: {"energy": 1.0, "forces": 1.0, "charges": 0.0, "dipole": 0.0}
+    )
+    pull: float = 0.0
+    optimizer: str = "adam"
+    learning_rate: float = 0.02
+    schedule: str = "cosine"
+    final_lr_fraction: float = 0.05
+    clip_norm: float | None = 1.0
+    epochs: int = 50
+    batch_size: int = 16
+    patience: int | None = 20
+    min_delta: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    lbfgs_memory: int = 10
+    chi_gauge: Any = "auto"
+    devices: int = 1
+
+    def __post_init__(self):
+        unknown = set(self.weights) - set(TERMS)
+        if unknown:
+            raise QEqInputError(f"unknown loss weight(s) {sorted(unknown)} (valid: {', '.join(TERMS)})")
+        if any((not math.isfinite(float(w))) or float(w) < 0 for w in self.weights.values()):
+            raise QEqInputError(f"loss weights must be finite and non-negative, got {dict(self.weights)}")
+        if self.optimizer not in ("adam", "lbfgs"):
+            raise QEqInputError(f"unknown optimizer '{self.optimizer}' (valid: adam, lbfgs)")
+        if self.schedule not in ("cosine", "constant"):
+            raise QEqInputError(f"unknown schedule '{self.schedule}' (valid: cosine, constant)")
+        for name in ("epochs", "batch_size", "checkpoint_every", "devices", "lbfgs_memory"):
+            if int(getattr(self, name)) < 1:
+                raise QEqInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise QEqInputError(f"learning rate must be positive, got {self.learning_rate}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"] = list(self.train)
+        d["weights"] = {k: float(self.weights.get(k, 0.0)) for k in TERMS}
+        return d
+
+
+@dataclasses.dataclass
+class FitResult:
+    """params: the fitted set (the best on validation when there is one). offsets: per-element
+    energy offsets in eV. history: one record per epoch (the log's lines). best_epoch: epoch of
+    the returned parameters. steps: optimiser steps taken. stopped_early: early stopping fired."""
+
+    params: Params
+    offsets: dict
+    history: list
+    best_epoch: int
+    steps: int
+    stopped_early: bool
+
+
+class FitInterrupted(Exception):
+    """Raised by a ``callback`` to stop a fit (its last checkpoint stays as written)."""
+
+
+# --- the fitter ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about a fit's compiled functions, hashable, so that fits with the same
+    model and settings share one compiled step (jit caches on it). ``energy`` is hashed by
+    identity: build it once with ``qeq_energy`` and reuse it."""
+
+    energy: Callable
+    par: Parametrisation
+    weights: tuple[tuple[str, float], ...]
+    pull: float = 0.0
+    optimizer: tuple = ("adam", None)  # ("adam", clip_norm) or ("lbfgs", memory)
+
+    def build_optimizer(self) -> optax.GradientTransformation:
+        """L-BFGS, or Adam's scaling (after an optional global-norm clip) without the learning
+        rate: the rate is data, passed to each step, so the schedule never recompiles."""
+        if self.optimizer[0] == "lbfgs":
+            return optax.lbfgs(memory_size=self.optimizer[1])
+        clip = self.optimizer[1]
+        adam = optax.scale_by_adam()
+        return optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
+
+    def loss(self, raw, anchor, raw0, batch):
+        """(loss, sums) of one batch at raw coordinates ``raw``."""
+        params = self.par.params(raw, anchor)
+        sums = batch_sums(energy_and_forces(self.energy), params, raw["offsets"], batch)
+        return self._total(sums, raw, raw0), sums
+
+    def full_loss(self, raw, anchor, raw0, stacks):
+        """(loss, sums) over a whole data set: ``stacks`` holds the batches of each size bucket
+        stacked along a leading axis and scanned, so the program holds one copy per bucket."""
+        params = self.par.params(raw, anchor)
+        evaluate = energy_and_forces(self.energy)
+        sums = None
+        for stack in stacks:
+            first = jax.tree_util.tree_map(lambda x: x[0], stack)
+            acc = batch_sums(evaluate, params, raw["offsets"], first)
+            if stack.weight.shape[0] > 1:
+
+                def body(acc, b):
+                    return add_sums(acc, batch_sums(evaluate, params, raw["offsets"], b)), None
+
+                acc, _ = jax.lax.scan(body, acc, jax.tree_util.tree_map(lambda x: x[1:], stack))
+            sums = acc if sums is None else add_sums(sums, acc)
+        return self._total(sums, raw, raw0), sums
+
+    def _total(self, sums, raw, raw0):
+        loss = loss_from_sums(sums, dict(self.weights))
+        if self.pull:
+            loss = loss + self.pull * self.par.pull(raw, raw0)
+        return loss
+
+
+def _schedule(lr, schedule, steps_total, final_fraction):
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, max(int(steps_total), 1), alpha=final_fraction)
+    return optax.constant_schedule(lr)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _adam_step(spec: StepSpec, raw, opt_state, anchor, raw0, batch, learning_rate):
+    (loss, sums), grad = jax.value_and_grad(spec.loss, has_aux=True)(raw, anchor, raw0, batch)
+    updates, opt_state = spec.build_optimizer().update(grad, opt_state, raw)
+    updates = jax.tree_util.tree_map(lambda u: -learning_rate * u, updates)
+    return optax.apply_updates(raw, updates), opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lbfgs_step(spec: StepSpec, raw, opt_state, anchor, raw0, stacks):
+    def value_fn(r):
+        return spec.full_loss(r, anchor, raw0, stacks)[0]
+
+    value, grad = optax.value_and_grad_from_state(value_fn)(raw, state=opt_state)
+    updates, opt_state = spec.build_optimizer().update(
+        grad, opt_state, raw, value=value, grad=grad, value_fn=value_fn
+    )
+    return optax.apply_updates(raw, updates), opt_state, value
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _param_sums(energy, params, offsets, batch):
+    return batch_sums(energy_and_forces(energy), params, offsets, batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _param_predict(energy, params, offsets, batch):
+    return predict(energy_and_forces(energy), params, offsets, batch)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _raw_sums(energy, par, raw, anchor, batch):
+    return batch_sums(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _raw_predict(energy, par, raw, anchor, batch):
+    return predict(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch)
+
+
+class Fitter:
+    """The compiled functions of one fit and the placement of its arrays on the devices.
+
+    energy: ``qeq_energy(...)``; par: a :class:`Parametrisation`; anchor: its
+    :meth:`Parametrisation.anchor` (the start parameters, placed on the devices here);
+    steps_total: optimiser steps of the whole fit (for the learning-rate schedule).
+    """
+
+    def __init__(self, energy: Callable, par: Parametrisation, anchor: Mapping, config: FitConfig, steps_total: int):
+        self.par = par
+        self.config = config
+        self.weights = {k: float(config.weights.get(k, 0.0)) for k in TERMS}
+        self.steps_total = int(steps_total)
+        if config.optimizer == "lbfgs":
+            opt = ("lbfgs", int(config.lbfgs_memory))
+        else:
+            opt = ("adam", None if config.clip_norm is None else float(config.clip_norm))
+        self.spec = StepSpec(energy, par, tuple(self.weights.items()), float(config.pull), opt)
+        self.optimizer = self.spec.build_optimizer()
+        self.mesh = None
+        if config.devices > 1:
+            devices = jax.devices()
+            if len(devices) < config.devices:
+                raise QEqInputError(f"devices={config.devices} requested but JAX sees {len(devices)}: {devices}")
+            self.mesh = jax.sharding.Mesh(np.asarray(devices[: config.devices]), ("batch",))
+        self.anchor = self.replicate(_strong(anchor))
+
+    # placement
+    def replicate(self, tree):
+        """Place ``tree`` on every device (parameters, optimiser state)."""
+        if self.mesh is None:
+            return tree
+        return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+    def shard(self, batch: Batch, stacked: bool = False) -> Batch:
+        """Place a batch with its structures split across the devices (axis 1 when ``stacked``)."""
+        if self.mesh is None:
+            return batch
+        spec = jax.sharding.PartitionSpec(None, "batch") if stacked else jax.sharding.PartitionSpec("batch")
+        return jax.device_put(batch, jax.sharding.NamedSharding(self.mesh, spec))
+
+    def stacks(self, batches: Sequence[Batch]) -> list[Batch]:
+        """The batches grouped by padded size and stacked along a new leading axis (placed)."""
+        groups: dict[int, list[Batch]] = {}
+        for b in batches:
+            groups.setdefault(int(b.system.positions.shape[1]), []).append(b)
+        return [
+            self.shard(jax.tree_util.tree_map(lambda *x: jnp.stack(x), *groups[n]), stacked=True)
+            for n in sorted(groups)
+        ]
+
+    def learning_rate(self, step: int) -> float | None:
+        """Adam's learning rate at optimiser step ``step`` (None for L-BFGS)."""
+        c = self.config
+        if c.optimizer == "lbfgs":
+            return None
+        if c.schedule == "constant":
+            return float(c.learning_rate)
+        t = min(step / max(self.steps_total, 1), 1.0)
+        return float(c.learning_rate * (c.final_lr_fraction + (1.0 - c.final_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * t))))
+
+    # compiled functions
+    def init(self, raw):
+        return _strong(self.optimizer.init(raw))
+
+    def adam_step(self, raw, opt_state, raw0, batch, step: int):
+        lr = jnp.asarray(self.learning_rate(step), dtype=jnp.asarray(raw["offsets"]).dtype)
+        return _adam_step(self.spec, raw, opt_state, self.anchor, raw0, batch, lr)
+
+    def lbfgs_step(self, raw, opt_state, raw0, stacks):
+        return _lbfgs_step(self.spec, raw, opt_state, self.anchor, raw0, stacks)
+
+    def loss_and_grad(self, raw, raw0, batch):
+        """(loss, gradient with respect to the raw coordinates) of one batch."""
+        (loss, _), grad = jax.value_and_grad(self.spec.loss, has_aux=True)(raw, self.anchor, raw0, batch)
+        return loss, grad
+
+    def sums(self, raw, batch):
+        return _raw_sums(self.spec.energy, self.par, raw, self.anchor, batch)
+
+    def predict(self, raw, batch):
+        return _raw_predict(self.spec.energy, self.par, raw, self.anchor, batch)
+
+    def params(self, raw) -> Params:
+        """The ``Params`` of raw coordinates (on the host)."""
+        host = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), jax.device_get((raw, self.anchor)))
+        return self.par.params(*host)
+
+    def dataset_sums(self, raw, batches):
+        sums = None
+        for b in batches:
+            s = self.sums(raw, b)
+            sums = s if sums is None else add_sums(sums, s)
+        return jax.device_get(sums)
+
+    def metrics(self, raw, batches):
+        return metrics_from_sums(self.dataset_sums(raw, batches), self.weights)
+
+
+def _strong(tree):
+    """The same arrays without weak types (a weak-typed leaf that becomes strong after one
+    update would make jit compile the step a second time)."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), tree)
+
+
+def least_squares_offsets(model_energies, reference, counts, n_atoms) -> np.ndarray:
+    """Per-element offsets b minimising Σ ((E_model + n·b − E_ref)/N)² (minimum-norm solution
+    when the element counts do not determine every offset, e.g. always-stoichiometric NaCl)."""
+    a = np.asarray(counts, float) / np.asarray(n_atoms, float)[:, None]
+    y = (np.asarray(reference, float) - np.asarray(model_energies, float)) / np.asarray(n_atoms, float)
+    if len(y) == 0:
+        return np.zeros(a.shape[1])
+    b, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return b
+
+
+def _initial_offsets(fitter: Fitter, raw, batcher: Batcher) -> np.ndarray:
+    e_model, e_ref, counts, n = [], [], [], []
+    for plan in plan_batches(batcher.dataset, batcher.batch_size):
+        batch = batcher.batch(plan)
+        p = jax.device_get(fitter.predict(raw, fitter.shard(batch)))
+        keep = np.asarray(batch.weight > 0) & np.asarray(batch.has_energy > 0)
+        e_model.append(np.asarray(p["energy"])[keep])
+        e_ref.append(np.asarray(batch.energy)[keep])
+        counts.append(np.asarray(batch.counts)[keep])
+        n.append(np.asarray(batch.n_atoms)[keep])
+    return least_squares_offsets(np.concatenate(e_model), np.concatenate(e_ref), np.concatenate(counts), np.concatenate(n))
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+def _encode_tree(tree) -> list:
+    out = []
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(tree)):
+        a = np.asarray(leaf)
+        out.append({"dtype": str(a.dtype), "shape": list(a.shape), "data": a.ravel().tolist()})
+    return out
+
+
+def _decode_tree(like, encoded, what: str):
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    if len(leaves) != len(encoded):
+        raise QEqInputError(f"checkpoint {what} has {len(encoded)} arrays, this fit expects {len(leaves)}")
+    new = []
+    for leaf, enc in zip(leaves, encoded):
+        a = np.asarray(enc["data"], dtype=enc["dtype"]).reshape(enc["shape"])
+        if a.shape != np.shape(leaf):
+            raise QEqInputError(f"checkpoint {what}: an array of shape {a.shape} where {np.shape(leaf)} is expected")
+        new.append(jnp.asarray(a, dtype=jnp.asarray(leaf).dtype))
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write a checkpoint atomically (a temporary file and ``os.replace``): an interruption while
+    writing leaves the previous checkpoint as it was."""
+    write_atomic(path, json.dumps(state) + "\n")
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QEqInputError(f"cannot resume: checkpoint {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise QEqInputError(f"checkpoint {path} is not valid JSON: {exc}") from exc
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
+        raise QEqInputError(f"{path} is not a qeq-unroll fit checkpoint (version {CHECKPOINT_VERSION})")
+    return state
+
+
+def _fingerprint(params, train, validation, config, model_name) -> dict:
+    return dict(
+        start=params.to_dict(),
+        train=train.fingerprint(),
+        validation=None if validation is None else validation.fingerprint(),
+        config=config.to_dict(),
+        model=model_name,
+    )
+
+
+def _model_name(energy) -> str:
+    parts = []
+    for attr in ("kernel", "solver", "gradient"):
+        obj = getattr(energy, attr, None)
+        parts.append(repr(obj))
+    return " ".join(parts)
+
+
+def offsets_dict(params: Params, offsets) -> dict:
+    return {el: float(b) for el, b in zip(params.elements, np.asarray(offsets))}
+
+
+def fitted_params(params: Params, offsets, name: str | None = None, note: str = "") -> Params:
+    """``params`` renamed, with the energy offsets (eV) recorded in its notes."""
+    off = ", ".join(f"{el} {b:.6f}" for el, b in offsets_dict(params, offsets).items() if b != 0.0)
+    notes = (note + " " if note else "") + (f"Per-element energy offsets (eV): {off}." if off else "")
+    return params.replace(name=name or f"{params.name}-fit", notes=notes.strip() or params.notes)
+
+
+# --- the loop --------------------------------------------------------------------------------
+def fit(
+    params: Params,
+    train: Dataset,
+    energy: Callable,
+    config: FitConfig = FitConfig(),
+    validation: Dataset | None = None,
+    checkpoint: "str | Path | None" = None,
+    log: "str | Path | None" = None,
+    resume: bool = False,
+    progress: bool = False,
+    callback: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Fit ``params`` to ``train`` with the model ``energy`` (``qeq_energy(kernel, solver,
+    gradient)``); see the module docstring and :class:`FitConfig`.
+
+    checkpoint: path of the checkpoint file (written every ``config.checkpoint_every`` steps, at
+    the end of each epoch and at the end). resume: continue from ``checkpoint`` exactly where it
+    stopped (the start parameters, data and configuration must be the same). log: JSON-lines file,
+    one record per epoch (rewritten from the checkpoint's history on resume). callback: called with
+    a dict after every step; raising in it (e.g. :class:`FitInterrupted`) stops the fit.
+    """
+    if len(train) == 0:
+        raise QEqInputError("no training configurations")
+    if tuple(train.elements) != tuple(params.elements):
+        raise QEqInputError(
+            f"the training data are indexed by elements {train.elements}, the parameters by {params.elements}"
+        )
+    if validation is not None and len(validation) == 0:
+        validation = None
+    if resume and checkpoint is None:
+        raise QEqInputError("resume needs the checkpoint path")
+    needed = [k for k in energy.kernel.required]
+    params.require(needed, train.species_present())
+    if getattr(energy.gradient, "name", "") == "envelope":
+        raise QEqInputError(
+            "gradient='envelope' gives wrong parameter gradients of a force loss (the charges' response "
+            "is left out); fit with 'unrolled' or 'implicit'"
+        )
+    for term in TERMS:
+        if config.weights.get(term, 0.0) and not train.has(term):
+            raise QEqInputError(f"the loss weights {term} but no training configuration has a reference {term}")
+
+    gauge = train.neutral() if config.chi_gauge == "auto" else bool(config.chi_gauge)
+    distances = pair_reference_distances(train)
+    par = make_parametrisation(params, config.train, train.species_present(), gauge, distances)
+    anchor = par.anchor(params, distances)
+    batcher = Batcher(train, config.batch_size, multiple_of=config.devices)
+    val_batcher = None if validation is None else Batcher(validation, config.batch_size, multiple_of=config.devices)
+    lbfgs = config.optimizer == "lbfgs"
+    steps_per_epoch = 1 if lbfgs else len(plan_batches(train, batcher.batch_size))
+    steps_total = config.epochs * steps_per_epoch
+    fitter = Fitter(energy, par, anchor, config, steps_total)
+    train_eval = [fitter.shard(b) for b in batcher.all_batches()]
+    train_stacks = fitter.stacks(batcher.all_batches()) if lbfgs else None
+    val_eval = [] if val_batcher is None else [fitter.shard(b) for b in val_batcher.all_batches()]
+    fingerprint = _fingerprint(params, train, validation, config, _model_name(energy))
+
+    raw0 = fitter.replicate(_strong(par.raw(anchor, jnp.zeros(len(params.elements), dtype=params.chi.dtype))))
+    if resume:
+        state = load_checkpoint(checkpoint)
+        if state["fingerprint"] != json.loads(json.dumps(fingerprint)):
+            diff = [k for k in fingerprint if json.loads(json.dumps(fingerprint[k])) != state["fingerprint"].get(k)]
+            raise QEqInputError(
+                f"cannot resume from {checkpoint}: it belongs to a different fit (differs in: {', '.join(diff)})"
+            )
+        raw0 = fitter.replicate(_decode_tree(raw0, state["raw0"], "start"))
+        raw = fitter.replicate(_decode_tree(raw0, state["raw"], "parameters"))
+        opt_state = fitter.replicate(_decode_tree(fitter.init(raw), state["opt_state"], "optimiser state"))
+        best_raw = fitter.replicate(_decode_tree(raw0, state["best_raw"], "best parameters"))
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        order = [tuple(p) for p in state["order"]] if state["order"] is not None else None
+        best_loss, best_epoch, bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
+        history, done, stopped_early = state["history"], state["done"], state["stopped_early"]
+    else:
+        offsets0 = _initial_offsets(fitter, raw0, batcher) if train.has("energy") else np.zeros(len(params.elements))
+        raw0 = fitter.replicate(_strong(par.raw(anchor, jnp.asarray(offsets0, dtype=params.chi.dtype))))
+        raw = raw0
+        opt_state = fitter.replicate(fitter.init(raw))
+        best_raw = raw
+        step = epoch = position = 0
+        order = None
+        best_loss, best_epoch, bad_epochs = None, -1, 0
+        history, done, stopped_early = [], False, False
+
+    def snapshot():
+        return dict(
+            format=CHECKPOINT_FORMAT,
+            version=CHECKPOINT_VERSION,
+            fingerprint=fingerprint,
+            step=step,
+            epoch=epoch,
+            position=position,
+            order=None if order is None else [[int(p[0]), [int(i) for i in p[1]]] for p in order],
+            raw0=_encode_tree(raw0),
+            raw=_encode_tree(raw),
+            opt_state=_encode_tree(opt_state),
+            best_raw=_encode_tree(best_raw),
+            best_loss=best_loss,
+            best_epoch=best_epoch,
+            bad_epochs=bad_epochs,
+            history=history,
+            done=done,
+            stopped_early=stopped_early,
+            final=dict(
+                params=fitted_params(fitter.params(best_raw), jax.device_get(best_raw["offsets"])).to_dict(),
+                offsets=offsets_dict(params, best_raw["offsets"]),
+            ),
+        )
+
+    def write_log():
+        if log is not None:
+            lines = [json.dumps(dict(event="start", config=config.to_dict(), model=_model_name(energy),
+                                     train=len(train), validation=0 if validation is None else len(validation)))]
+            lines += [json.dumps(h) for h in history]
+            write_atomic(log, "\n".join(lines) + "\n")
+
+    write_log()
+    bar = None
+    if progress and not done:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps_total, initial=step, unit="step", desc="fit", dynamic_ncols=True)
+    t_epoch = time.perf_counter()
+    try:
+        while not done and epoch < config.epochs:
+            if order is None:
+                plans = epoch_plan(train, batcher.batch_size, config.seed, epoch)
+                order = [(p.bucket, p.indices) for p in plans]
+            if lbfgs:
+                if position == 0:
+                    raw, opt_state, loss = fitter.lbfgs_step(raw, opt_state, raw0, train_stacks)
+                    step += 1
+                    position = 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{float(loss):.4g}")
+                    if callback is not None:
+                        callback(dict(step=step, epoch=epoch, loss=float(loss)))
+                    if checkpoint is not None and step % config.checkpoint_every == 0:
+                        save_checkpoint(checkpoint, snapshot())
+            else:
+                while position < len(order):
+                    batch = fitter.shard(batcher.batch(BatchPlan(*order[position])))
+                    raw, opt_state, loss = fitter.adam_step(raw, opt_state, raw0, batch, step)
+                    step += 1
+                    position += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4g}")
+                    if callback is not None:
+                        callback(dict(step=step, epoch=epoch, loss=float(loss)))
+                    if checkpoint is not None and step % config.checkpoint_every == 0 and position < len(order):
+                        save_checkpoint(checkpoint, snapshot())
+            # end of epoch: metrics, early stopping, log, checkpoint
+            record = dict(event="epoch", epoch=epoch, step=step, lr=fitter.learning_rate(step))
+            record["train"] = fitter.metrics(raw, train_eval)
+            if val_eval:
+                record["validation"] = fitter.metrics(raw, val_eval)
+                current = record["validation"]["loss"]
+            else:
+                current = record["train"]["loss"]
+            if not math.isfinite(current):
+                raise QEqInputError(
+                    f"the loss became {current} in epoch {epoch}: lower the learning rate, or check the data "
+                    "(metrics: " + json.dumps(record["train"]) + ")"
+                )
+            if best_loss is None or current < best_loss * (1.0 - config.min_delta):
+                best_loss, best_epoch, best_raw, bad_epochs = current, epoch, raw, 0
+            else:
+                bad_epochs += 1
+            now = time.perf_counter()
+            record["seconds"] = round(now - t_epoch, 3)
+            t_epoch = now
+            history.append(record)
+            if log is not None:
+                with open(log, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            epoch += 1
+            position = 0
+            order = None
+            if val_eval and config.patience is not None and bad_epochs >= config.patience:
+                stopped_early = True
+                done = True
+            if epoch >= config.epochs:
+                done = True
+            if bar is not None:
+                t = record["train"]
+                v = record.get("validation", {})
+                bar.set_postfix(epoch=epoch - 1, F_rmse=f"{t['force_rmse'] or 0:.3g}",
+                                val=f"{v.get('force_rmse') or 0:.3g}" if v else "-")
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, snapshot())
+    finally:
+        if bar is not None:
+            bar.close()
+
+    final_raw = best_raw if val_eval else raw
+    fitted = fitter.params(final_raw)
+    offsets = np.asarray(jax.device_get(final_raw["offsets"]))
+    return FitResult(
+        params=fitted_params(fitted, offsets),
+        offsets=offsets_dict(params, offsets),
+        history=history,
+        best_epoch=best_epoch if val_eval else epoch - 1,
+        steps=step,
+        stopped_early=stopped_early,
+    )
+
+
+def evaluate(params: Params, dataset: Dataset, energy: Callable, offsets=None, batch_size: int = 16) -> dict:
+    """Metrics of ``params`` on ``dataset`` (see :func:`metrics_from_sums`). offsets: per-element
+    energy offsets (eV, array or ``{element: eV}``); ``None`` fits them to ``dataset`` by least
+    squares (the energy metrics are then those after the best per-element shift)."""
+    if tuple(dataset.elements) != tuple(params.elements):
+        raise QEqInputError(f"the data are indexed by elements {dataset.elements}, the parameters by {params.elements}")
+    params.require(energy.kernel.required, dataset.species_present())
+    batcher = Batcher(dataset, batch_size)
+    batches = batcher.all_batches()
+    n_el = len(params.elements)
+    if offsets is None:
+        zero = jnp.zeros(n_el, params.chi.dtype)
+        e_model, e_ref, counts, n = [], [], [], []
+        for b in batches:
+            keep = np.asarray(b.weight > 0) & np.asarray(b.has_energy > 0)
+            e_model.append(np.asarray(_param_predict(energy, params, zero, b)["energy"])[keep])
+            e_ref.append(np.asarray(b.energy)[keep])
+            counts.append(np.asarray(b.counts)[keep])
+            n.append(np.asarray(b.n_atoms)[keep])
+        offsets = least_squares_offsets(*(np.concatenate(x) for x in (e_model, e_ref, counts, n)))
+    elif isinstance(offsets, Mapping):
+        offsets = np.asarray([float(offsets.get(el, 0.0)) for el in params.elements])
+    offsets = jnp.asarray(offsets, dtype=params.chi.dtype)
+    sums = None
+    for b in batches:
+        s = _param_sums(energy, params, offsets, b)
+        sums = s if sums is None else add_sums(sums, s)
+    return metrics_from_sums(jax.device_get(sums), {k: 1.0 for k in TERMS})
