@@ -15,11 +15,14 @@ from .constants import COULOMB_CONSTANT, LAMMPS_COULOMB_CONSTANT
 from .energy import dipole_moment, energy_and_forces, energy_forces_stress, qeq_energy
 from .errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError
 from .gradients import GRADIENTS, Envelope, Implicit, Unrolled, get_gradient
-from .kernels import KERNELS, Gaussian, Point, ReaxFF, get_kernel
+from .kernels import KERNELS, Gaussian, Point, ReaxFF, Slater, get_kernel
 from .lammps_io import read_lammps_qeq, write_lammps_qeq
 from .neighbors import ImageList, NeighborList, Neighbors, image_list, neighbor_list, update_neighbors
 from .params import Params, builtin_sets, load_params, save_params
 from .solvers import CG, GD, NAG, SOLVERS, Diagnostics, Exact, Problem, get_solver
 from .system import System, make_system, size_bucket
+from . import dataset, fit  # noqa: E402  (modules: qeq_unroll.fit.fit, qeq_unroll.fit.evaluate)
+from .dataset import Configuration, Dataset
+from .fit import FitConfig, FitResult
 
 __version__ = "0.1.0"

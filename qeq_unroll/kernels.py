@@ -10,6 +10,8 @@ r in Å, K in 1/Å. Each kernel is a small frozen strategy object naming the par
   ``fix qeq/reaxff`` with lower radius 0 and upper radius ``cutoff``.
 - ``point``: 1/r, optionally cut at ``cutoff``: multiplied by the same taper (``taper=True``) or
   truncated hard (``taper=False``, what LAMMPS ``fix qeq/point`` does).
+- ``slater``: the exact Coulomb integral of ns Slater densities (Rappé–Goddard 1991, ``slater``),
+  ζ = λ (2n + 1) / (2R); optionally tapered at ``cutoff`` (periodic cells).
 
 Periodic cells: a cutoff kernel sums every image within its cutoff (an atom's own images
 included, on the diagonal of H); it has no neutralising background, so the cell must be neutral.
@@ -23,6 +25,7 @@ import math
 import jax.numpy as jnp
 from jax.scipy.special import erf
 
+from . import slater
 from .errors import QEqInputError
 
 #: Default cutoff of the reaxff kernel (Å), the usual ReaxFF/LAMMPS choice.
@@ -114,7 +117,32 @@ class Point:
         return jnp.zeros(s.shape, params.hardness.dtype)
 
 
-KERNELS = {"gaussian": Gaussian, "reaxff": ReaxFF, "point": Point}
+@dataclasses.dataclass(frozen=True)
+class Slater:
+    """Rappé–Goddard shielding: the exact Coulomb integral of the two atoms' ns Slater densities,
+    ζ = λ (2n + 1) / (2R) with λ = 0.4913, R = ``radius`` (Å), n the principal quantum number
+    (``slater``). No self term: H_ii = J_i, as in QEq. With a ``cutoff`` (periodic cells) the
+    integral is multiplied by the 7th-order taper, like ``point``."""
+
+    cutoff: float | None = None
+    name: str = "slater"
+    required: tuple = ("chi", "hardness", "radius", "n")
+    ewald: bool = dataclasses.field(default=False, init=False)
+
+    def __post_init__(self):
+        _check_cutoff(self.name, self.cutoff)
+
+    def coupling(self, params, si, sj, r):
+        n = jnp.asarray(params.n, dtype=r.dtype)
+        z = slater.zeta(params.radius, n)
+        k = slater.coulomb_integral(r, z[si], n[si], z[sj], n[sj])
+        return k if self.cutoff is None else k * taper(r, self.cutoff)
+
+    def self_term(self, params, s):
+        return jnp.zeros(s.shape, params.hardness.dtype)
+
+
+KERNELS = {"gaussian": Gaussian, "reaxff": ReaxFF, "point": Point, "slater": Slater}
 
 
 def get_kernel(name, cutoff=None):
