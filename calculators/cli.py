@@ -4,6 +4,8 @@ Commands:
     demo    relax the built-in NaCl and water clusters with the QEq calculator and report energies,
             charges, forces, solver diagnostics and timings.
     train-solver  train the learned parts of a K-step charge solver (solver="learned").
+    fit     fit QEq and pair parameters to reference data (extended XYZ) through the solver.
+    plot-fit  draw the learning curves of a fit log to PNG.
 
 The parser is a subcommand layout: a command is a function ``add_<name>(subparsers)`` that adds
 its parser and sets ``func`` (called with the parsed arguments, returns an exit status).
@@ -53,7 +55,19 @@ def add_train_solver(subparsers) -> None:
     add(subparsers)
 
 
-COMMANDS = (add_demo, add_train_solver)
+def add_fit(subparsers) -> None:
+    from .fitting import add_fit as add
+
+    add(subparsers)
+
+
+def add_plot_fit(subparsers) -> None:
+    from .fitting import add_plot_fit as add
+
+    add(subparsers)
+
+
+COMMANDS = (add_demo, add_train_solver, add_fit, add_plot_fit)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -287,3 +287,30 @@ class Batcher:
     def all_batches(self) -> list[Batch]:
         """Every configuration once, in bucket order (for evaluation and full-batch optimisers)."""
         return [self.batch(p) for p in plan_batches(self.dataset, self.batch_size)]
+
+
+def persisted_split(path, dataset: Dataset, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """The train/validation split of ``dataset`` stored at ``path`` (JSON), made by
+    :func:`split_indices` and written atomically the first time. A stored split of other data or
+    another fraction/seed is an error (remove the file to draw a new one)."""
+    from pathlib import Path
+
+    from .params import write_atomic
+
+    path = Path(path)
+    key = dict(fingerprint=dataset.fingerprint(), n=len(dataset), fraction=float(fraction), seed=int(seed))
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise QEqInputError(f"split file {path} is not valid JSON: {exc}") from exc
+        if {k: stored.get(k) for k in key} != key:
+            raise QEqInputError(
+                f"split file {path} belongs to other data or another fraction/seed "
+                f"(stored n={stored.get('n')}, fraction={stored.get('fraction')}, seed={stored.get('seed')}); "
+                "remove it to draw a new split"
+            )
+        return list(stored["train"]), list(stored["validation"])
+    train, val = split_indices(len(dataset), fraction, seed)
+    write_atomic(path, json.dumps(dict(key, train=train, validation=val)) + "\n")
+    return train, val

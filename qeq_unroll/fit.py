@@ -231,11 +231,22 @@ def make_parametrisation(
 
 
 # --- predictions, losses, metrics ------------------------------------------------------------
-def predict(evaluate: Callable, params: Params, offsets, batch: Batch) -> dict:
+def sequential(energy) -> bool:
+    """Whether a batch is better evaluated one structure after the other (``lax.map``) than
+    vectorised (``vmap``): for solvers iterating to a tolerance, whose data-dependent loop and
+    branch would, vectorised, run every branch for every structure."""
+    solver = getattr(energy, "solver", None)
+    return hasattr(solver, "iterations") and solver.iterations is None
+
+
+def predict(evaluate: Callable, params: Params, offsets, batch: Batch, one_by_one: bool = False) -> dict:
     """Model predictions for a batch: ``energy`` (B,) eV including the offsets, ``forces``
     (B, N, 3), ``charges`` (B, N), ``dipole`` (B, 3), and the solver diagnostics.
-    ``evaluate`` is ``energy_and_forces(energy)``."""
-    e, f, aux = jax.vmap(evaluate, in_axes=(None, 0))(params, batch.system)
+    ``evaluate`` is ``energy_and_forces(energy)``; ``one_by_one``: see :func:`sequential`."""
+    if one_by_one:
+        e, f, aux = jax.lax.map(lambda s: evaluate(params, s), batch.system)
+    else:
+        e, f, aux = jax.vmap(evaluate, in_axes=(None, 0))(params, batch.system)
     q = aux["charges"]
     return dict(
         energy=e + batch.counts @ offsets,
@@ -247,10 +258,10 @@ def predict(evaluate: Callable, params: Params, offsets, batch: Batch) -> dict:
     )
 
 
-def batch_sums(evaluate: Callable, params: Params, offsets, batch: Batch) -> dict:
+def batch_sums(evaluate: Callable, params: Params, offsets, batch: Batch, one_by_one: bool = False) -> dict:
     """Sums of squared and absolute errors of a batch, and how many values each sum holds.
     Weight-zero fillers and padding atoms take no part."""
-    p = predict(evaluate, params, offsets, batch)
+    p = predict(evaluate, params, offsets, batch, one_by_one)
     atom = batch.system.fragments >= 0
     real = batch.weight > 0
 
@@ -383,7 +394,8 @@ class FitConfig:
 class FitResult:
     """params: the fitted set (the best on validation when there is one). offsets: per-element
     energy offsets in eV. history: one record per epoch (the log's lines). best_epoch: epoch of
-    the returned parameters. steps: optimiser steps taken. stopped_early: early stopping fired."""
+    the returned parameters. steps: optimiser steps taken. stopped_early: early stopping fired.
+    initial: metrics of the start (with least-squares energy offsets) on ``train``/``validation``."""
 
     params: Params
     offsets: dict
@@ -391,6 +403,7 @@ class FitResult:
     best_epoch: int
     steps: int
     stopped_early: bool
+    initial: dict = dataclasses.field(default_factory=dict)
 
 
 class FitInterrupted(Exception):
@@ -422,7 +435,7 @@ class StepSpec:
     def loss(self, raw, anchor, raw0, batch):
         """(loss, sums) of one batch at raw coordinates ``raw``."""
         params = self.par.params(raw, anchor)
-        sums = batch_sums(energy_and_forces(self.energy), params, raw["offsets"], batch)
+        sums = batch_sums(energy_and_forces(self.energy), params, raw["offsets"], batch, sequential(self.energy))
         return self._total(sums, raw, raw0), sums
 
     def full_loss(self, raw, anchor, raw0, stacks):
@@ -430,14 +443,15 @@ class StepSpec:
         stacked along a leading axis and scanned, so the program holds one copy per bucket."""
         params = self.par.params(raw, anchor)
         evaluate = energy_and_forces(self.energy)
+        one = sequential(self.energy)
         sums = None
         for stack in stacks:
             first = jax.tree_util.tree_map(lambda x: x[0], stack)
-            acc = batch_sums(evaluate, params, raw["offsets"], first)
+            acc = batch_sums(evaluate, params, raw["offsets"], first, one)
             if stack.weight.shape[0] > 1:
 
                 def body(acc, b):
-                    return add_sums(acc, batch_sums(evaluate, params, raw["offsets"], b)), None
+                    return add_sums(acc, batch_sums(evaluate, params, raw["offsets"], b, one)), None
 
                 acc, _ = jax.lax.scan(body, acc, jax.tree_util.tree_map(lambda x: x[1:], stack))
             sums = acc if sums is None else add_sums(sums, acc)
@@ -478,22 +492,22 @@ def _lbfgs_step(spec: StepSpec, raw, opt_state, anchor, raw0, stacks):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _param_sums(energy, params, offsets, batch):
-    return batch_sums(energy_and_forces(energy), params, offsets, batch)
+    return batch_sums(energy_and_forces(energy), params, offsets, batch, sequential(energy))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _param_predict(energy, params, offsets, batch):
-    return predict(energy_and_forces(energy), params, offsets, batch)
+    return predict(energy_and_forces(energy), params, offsets, batch, sequential(energy))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _raw_sums(energy, par, raw, anchor, batch):
-    return batch_sums(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch)
+    return batch_sums(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch, sequential(energy))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _raw_predict(energy, par, raw, anchor, batch):
-    return predict(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch)
+    return predict(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch, sequential(energy))
 
 
 class Fitter:
@@ -769,6 +783,7 @@ def fit(
         order = [tuple(p) for p in state["order"]] if state["order"] is not None else None
         best_loss, best_epoch, bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
         history, done, stopped_early = state["history"], state["done"], state["stopped_early"]
+        initial = state["initial"]
     else:
         offsets0 = _initial_offsets(fitter, raw0, batcher) if train.has("energy") else np.zeros(len(params.elements))
         raw0 = fitter.replicate(_strong(par.raw(anchor, jnp.asarray(offsets0, dtype=params.chi.dtype))))
@@ -779,6 +794,9 @@ def fit(
         order = None
         best_loss, best_epoch, bad_epochs = None, -1, 0
         history, done, stopped_early = [], False, False
+        initial = {"train": fitter.metrics(raw0, train_eval)}
+        if val_eval:
+            initial["validation"] = fitter.metrics(raw0, val_eval)
 
     def snapshot():
         return dict(
@@ -799,6 +817,7 @@ def fit(
             history=history,
             done=done,
             stopped_early=stopped_early,
+            initial=initial,
             final=dict(
                 params=fitted_params(fitter.params(best_raw), jax.device_get(best_raw["offsets"])).to_dict(),
                 offsets=offsets_dict(params, best_raw["offsets"]),
@@ -808,7 +827,8 @@ def fit(
     def write_log():
         if log is not None:
             lines = [json.dumps(dict(event="start", config=config.to_dict(), model=_model_name(energy),
-                                     train=len(train), validation=0 if validation is None else len(validation)))]
+                                     n_train=len(train), n_validation=0 if validation is None else len(validation),
+                                     **initial))]
             lines += [json.dumps(h) for h in history]
             write_atomic(log, "\n".join(lines) + "\n")
 
@@ -902,6 +922,7 @@ def fit(
         best_epoch=best_epoch if val_eval else epoch - 1,
         steps=step,
         stopped_early=stopped_early,
+        initial=initial,
     )
 
 

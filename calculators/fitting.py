@@ -1,0 +1,313 @@
+"""``qeq-unroll fit`` and ``qeq-unroll plot-fit``: fit parameters to extended XYZ reference data.
+
+    qeq-unroll fit train.xyz --out fitted.json [--validation 0.1 | --validation val.xyz]
+    qeq-unroll plot-fit fitted.log.jsonl --out curves.png
+
+The logic lives in ``qeq_unroll.fit`` (the loop) and ``calculators.data`` (reading); this module
+turns options into those calls and prints a summary. Units: energies eV (metrics meV/atom),
+forces eV/Å, charges e, dipoles e·Å.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from qeq_unroll.errors import QEqInputError
+
+#: Defaults of ``qeq-unroll fit``.
+DEFAULTS = dict(
+    params="demo-nacl-water",
+    kernel="gaussian",
+    solver="cg",
+    iterations=20,
+    gradient="unrolled",
+    validation="0.1",
+    epochs=50,
+    train="chi,hardness,sigma,pairs",
+    lr=0.02,
+    optimizer="adam",
+    batch_size=16,
+    weights="energy=1,forces=1,charges=0,dipole=0",
+)
+
+
+def _parse_pairs(text: str, what: str, cast=str) -> dict:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "=" not in item:
+            raise QEqInputError(f"{what}: expected name=value items separated by commas, got '{item}'")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = cast(v.strip())
+        except ValueError:
+            raise QEqInputError(f"{what}: '{v}' is not a number (in '{item}')") from None
+    return out
+
+
+def _iterations(text):
+    if str(text).lower() in ("none", "0", "tol"):
+        return None
+    return int(text)
+
+
+def add_fit(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fit",
+        help="fit QEq and pair parameters to reference energies/forces/charges (extended XYZ)",
+        description="Fit the parameters of the charge model to reference data through the charge "
+        "solver (unrolled or implicit gradients). Reference properties are read from extended XYZ "
+        "under the keys REF_energy, REF_forces, REF_charges, REF_dipole (see --keys). Per-element "
+        "energy offsets are fitted too, so energies with any zero work. Metrics after every epoch "
+        "on training and validation data: energy MAE (meV/atom), force RMSE and MAE (eV/A), "
+        "charge RMSE (e). Writes the fitted set (JSON), a checkpoint, a JSON-lines log and, on "
+        "request, LAMMPS parameter files.",
+    )
+    p.add_argument("train_files", nargs="+", metavar="TRAIN.xyz", help="training data (extended XYZ)")
+    p.add_argument("--out", required=True, help="fitted parameter set to write (JSON)")
+    p.add_argument("--params", default=DEFAULTS["params"],
+                   help=f"start: built-in set name or JSON file (default {DEFAULTS['params']})")
+    p.add_argument("--kernel", default=DEFAULTS["kernel"], help="Coulomb kernel: gaussian, reaxff, point (default gaussian)")
+    p.add_argument("--cutoff", type=float, default=None, help="kernel cutoff in A (default: the kernel's)")
+    p.add_argument("--solver", default=DEFAULTS["solver"], help="charge solver: cg, exact, gd, nag (default cg)")
+    p.add_argument("--iterations", "-K", type=_iterations, default=DEFAULTS["iterations"],
+                   help="fixed solver iterations K, or 'none' to iterate to --tol (default 20)")
+    p.add_argument("--tol", type=float, default=1e-10, help="solver tolerance (relative residual, default 1e-10)")
+    p.add_argument("--max-iterations", type=int, default=1000, help="iteration cap when iterating to --tol")
+    p.add_argument("--gradient", choices=("unrolled", "implicit"), default=DEFAULTS["gradient"],
+                   help="how the solver is differentiated (default unrolled)")
+    p.add_argument("--coulomb-constant", type=float, default=None, help="k_e in eV*A (default 14.399645)")
+    p.add_argument("--validation", default=DEFAULTS["validation"],
+                   help="validation data: an extended XYZ file, or a fraction of the training data held "
+                   "out (default 0.1; 0 for none). The split is stored in --split and reused")
+    p.add_argument("--split", default=None, help="file of the persisted train/validation split (default OUT.split.json)")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs (default 50)")
+    p.add_argument("--train", default=DEFAULTS["train"],
+                   help="parameter groups to fit, from chi, hardness, sigma, gamma, pairs (default chi,hardness,sigma,pairs)")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam peak learning rate (default 0.02)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule (default cosine)")
+    p.add_argument("--optimizer", choices=("adam", "lbfgs"), default=DEFAULTS["optimizer"],
+                   help="adam (mini-batches) or lbfgs (full batch, one iteration per epoch); default adam")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="structures per batch (default 16)")
+    p.add_argument("--weights", default=DEFAULTS["weights"],
+                   help="loss weights, e.g. energy=1,forces=1,charges=0.5,dipole=0 (energy per atom; default %(default)s)")
+    p.add_argument("--pull", type=float, default=0.0, help="weight of a pull toward the start parameters (default 0)")
+    p.add_argument("--patience", type=int, default=20, help="early stopping: epochs without validation improvement (default 20; 0 off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffling (default 0)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default OUT.ckpt.json)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="optimiser steps between checkpoints (default 50)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint exactly where it stopped")
+    p.add_argument("--log", default=None, help="JSON-lines log, one line per epoch (default OUT.log.jsonl)")
+    p.add_argument("--keys", default="", help="reference keys, e.g. energy=DFT_E,forces=DFT_F (defaults REF_*)")
+    p.add_argument("--on-nonfinite", choices=("skip", "error"), default="skip",
+                   help="configurations with non-finite values: skip and report (default) or stop")
+    p.add_argument("--lammps-out", default=None, help="also write the fitted set as a LAMMPS fix qeq/* parameter file")
+    p.add_argument("--lammps-style", choices=("reaxff", "point", "shielded", "slater"), default=None,
+                   help="LAMMPS file style (default: reaxff for the reaxff kernel, point otherwise)")
+    p.add_argument("--devices", type=int, default=1, help="split each batch across this many devices (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_fit)
+
+
+def add_plot_fit(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plot-fit",
+        help="draw the learning curves of a fit log to PNG",
+        description="Plot loss, force RMSE, energy MAE and charge RMSE per epoch (training and "
+        "validation) from the JSON-lines log of 'qeq-unroll fit'.",
+    )
+    p.add_argument("log", help="JSON-lines log written by qeq-unroll fit")
+    p.add_argument("--out", default=None, help="PNG to write (default LOG with .png)")
+    p.set_defaults(func=run_plot_fit)
+
+
+def _stem(out: str) -> str:
+    path = Path(out)
+    return str(path.with_suffix("")) if path.suffix == ".json" else str(path)
+
+
+def _load_data(files, params, keys, required, on_nonfinite, echo):
+    from .data import read_reference
+
+    data, report = read_reference(files, params, keys=keys, required=required, on_nonfinite=on_nonfinite)
+    skipped = report["skipped_nonfinite"]
+    if skipped:
+        echo(f"skipped {len(skipped)} configuration(s) with non-finite values: {', '.join(skipped[:5])}"
+             + (" ..." if len(skipped) > 5 else ""))
+    return data, report
+
+
+def run_fit(args, echo=print) -> int:
+    import qeq_unroll as qu
+    from qeq_unroll import fit as F
+    from qeq_unroll.dataset import persisted_split
+
+    params = qu.load_params(args.params)
+    weights = {**{"energy": 0.0, "forces": 0.0, "charges": 0.0, "dipole": 0.0},
+               **_parse_pairs(args.weights, "--weights", float)}
+    keys = _parse_pairs(args.keys, "--keys")
+    required = [k for k, w in weights.items() if w > 0]
+    train, report = _load_data(args.train_files, params, keys, required, args.on_nonfinite, echo)
+    stem = _stem(args.out)
+    validation = None
+    try:
+        fraction = float(args.validation)
+    except ValueError:
+        fraction = None
+    if fraction is None:
+        validation, _ = _load_data([args.validation], params, keys, required, args.on_nonfinite, echo)
+        split_note = f"validation file {args.validation}"
+    elif fraction > 0:
+        split_path = args.split or f"{stem}.split.json"
+        tr, va = persisted_split(split_path, train, fraction, args.seed)
+        train, validation = train.subset(tr), train.subset(va)
+        split_note = f"{fraction:g} of the training data held out (split in {split_path})"
+    else:
+        split_note = "no validation data"
+    groups = tuple(g.strip() for g in args.train.split(",") if g.strip())
+    config = F.FitConfig(
+        train=groups,
+        weights=weights,
+        pull=args.pull,
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        schedule=args.schedule,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        patience=args.patience or None,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        devices=args.devices,
+    )
+    kernel = qu.get_kernel(args.kernel, args.cutoff)
+    solver = qu.get_solver(args.solver, args.iterations, args.tol, args.max_iterations)
+    kwargs = {} if args.coulomb_constant is None else {"coulomb_constant": args.coulomb_constant}
+    energy = qu.qeq_energy(kernel, solver, args.gradient, **kwargs)
+    checkpoint = args.checkpoint or f"{stem}.ckpt.json"
+    log = args.log or f"{stem}.log.jsonl"
+    k_text = "to tol" if args.iterations is None else f"K={args.iterations}"
+    echo(f"qeq-unroll fit: {len(train)} training and {0 if validation is None else len(validation)} validation "
+         f"configurations ({split_note}); start '{params.name}', kernel {kernel.name}, solver {args.solver} "
+         f"{k_text}, {args.gradient} gradients; training {', '.join(groups)}; {args.optimizer}, "
+         f"{args.epochs} epochs")
+    try:
+        result = F.fit(params, train, energy, config, validation=validation, checkpoint=checkpoint, log=log,
+                       resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        echo(f"\ninterrupted: the last checkpoint {checkpoint} is intact; continue with the same command and --resume")
+        return 130
+    qu.save_params(result.params, args.out)
+    if result.history:
+        unconverged = sum(h["train"]["unconverged"] for h in result.history)
+        if unconverged and args.gradient == "implicit":
+            echo(f"warning: {unconverged} unconverged charge solves during the fit: implicit gradients assume "
+                 "converged solves; raise --iterations or use --gradient unrolled")
+    echo("")
+    echo(format_summary(result))
+    written = [args.out, checkpoint, log]
+    if args.lammps_out:
+        style = args.lammps_style or ("reaxff" if kernel.name == "reaxff" else "point")
+        types = [params.elements[i] for i in train.species_present()]
+        qu.write_lammps_qeq(result.params, args.lammps_out, types, style=style)
+        note = " (the gaussian widths sigma have no LAMMPS column: chi and eta only)" if kernel.name == "gaussian" else ""
+        echo(f"LAMMPS fix qeq/{style} file {args.lammps_out}: types {' '.join(f'{t + 1}={e}' for t, e in enumerate(types))}{note}")
+        written.append(args.lammps_out)
+    echo(f"wrote {', '.join(written)}")
+    if result.offsets:
+        echo("energy offsets (eV/atom of each element): " + ", ".join(
+            f"{el} {b:.4f}" for el, b in result.offsets.items() if b != 0.0))
+    return 0
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def format_summary(result) -> str:
+    """Start vs fitted metrics on training and validation data (a text table)."""
+    last = None
+    for h in result.history:
+        if h["epoch"] == result.best_epoch:
+            last = h
+    last = last or (result.history[-1] if result.history else {})
+    head = f"{'':<30s} {'E MAE meV/atom':>14s} {'F RMSE eV/A':>12s} {'F MAE eV/A':>11s} {'q RMSE e':>9s}"
+    lines = [head, "-" * len(head)]
+    for part in ("train", "validation"):
+        for label, metrics in (("start", result.initial.get(part)), (f"fitted (epoch {result.best_epoch})", last.get(part))):
+            if not metrics:
+                continue
+            lines.append(
+                f"{part + ' ' + label:<30s} {_fmt(metrics['energy_mae'], '14.2f')} {_fmt(metrics['force_rmse'], '12.4f')} "
+                f"{_fmt(metrics['force_mae'], '11.4f')} {_fmt(metrics['charge_rmse'], '9.4f')}"
+            )
+    note = "stopped early" if result.stopped_early else "all epochs"
+    lines.append(f"{result.steps} optimiser steps ({note}); start energies use least-squares per-element offsets")
+    return "\n".join(lines)
+
+
+def read_log(path) -> tuple[dict, list]:
+    """``(start record, epoch records)`` of a fit log."""
+    path = Path(path)
+    if not path.is_file():
+        raise QEqInputError(f"fit log {path} does not exist")
+    start, epochs = {}, []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise QEqInputError(f"{path}, line {n}: not JSON ({exc})") from exc
+        if rec.get("event") == "start":
+            start = rec
+        elif rec.get("event") == "epoch":
+            epochs.append(rec)
+    if not epochs:
+        raise QEqInputError(f"fit log {path} has no epoch records")
+    return start, epochs
+
+
+def run_plot_fit(args, echo=print) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start, epochs = read_log(args.log)
+    out = args.out or str(Path(args.log).with_suffix(".png"))
+    panels = [("loss", "loss", True), ("force_rmse", "force RMSE (eV/Å)", True),
+              ("energy_mae", "energy MAE (meV/atom)", True), ("charge_rmse", "charge RMSE (e)", True)]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), constrained_layout=True)
+    for ax, (key, label, log_y) in zip(axes.ravel(), panels):
+        for part, style in (("train", "-"), ("validation", "--")):
+            xs = [-1] if start.get(part) else []
+            ys = [start[part][key]] if start.get(part) else []
+            for h in epochs:
+                if part in h and h[part].get(key) is not None:
+                    xs.append(h["epoch"])
+                    ys.append(h[part][key])
+            ys_ok = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
+            if ys_ok:
+                ax.plot(*zip(*ys_ok), style, marker="o", markersize=2.5, label=part)
+        ax.set_xlabel("epoch (-1: start)")
+        ax.set_ylabel(label)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    model = start.get("model", "")
+    fig.suptitle(f"qeq-unroll fit: {Path(args.log).name}" + (f"\n{model}" if model else ""), fontsize=8)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    echo(f"wrote {out} ({len(epochs)} epochs)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from .cli import main
+
+    sys.exit(main(["fit"] + sys.argv[1:]))
