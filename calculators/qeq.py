@@ -44,6 +44,10 @@ class QEqCalculator(Calculator):
     None to iterate to ``tol`` (at most ``max_iterations``).
     gradient: "unrolled" | "implicit" | "envelope". total_charge: e (None: sum of the initial
     charges). coulomb_constant: eV·Å. dtype: "float64" (needs JAX x64 enabled) | "float32".
+    skin: Å, of neighbour lists (periodic cells). fragments: a label 0..F-1 per atom (or
+    ``atoms.arrays["fragments"]``): each fragment's charge is fixed, fragment_charges (F,) e (None:
+    the initial charges summed per fragment). field: uniform electric field (3,) in V/Å, along
+    non-periodic directions only (energy −Σ q_i E·r_i).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "charges", "dipole", "stress"]
@@ -61,6 +65,9 @@ class QEqCalculator(Calculator):
         coulomb_constant=qeq_unroll.COULOMB_CONSTANT,
         dtype="float64",
         skin=qeq_unroll.neighbors.DEFAULT_SKIN,
+        fragments=None,
+        fragment_charges=None,
+        field=None,
     )
 
     def __init__(self, **kwargs):
@@ -105,12 +112,9 @@ class QEqCalculator(Calculator):
             return
         species = self.qeq_params.species_indices(atoms.get_chemical_symbols())
         self.qeq_params.require(self.kernel.required, species)
-        total = self.parameters.total_charge
-        if total is None:
-            total = float(np.sum(atoms.get_initial_charges()))
         n = len(atoms)
         system = qeq_unroll.make_system(
-            atoms.positions, species, total_charge=total, pad_to=qeq_unroll.size_bucket(n), dtype=self._dtype
+            atoms.positions, species, pad_to=qeq_unroll.size_bucket(n), dtype=self._dtype, **self._conditions(atoms)
         )
         energy, forces, aux = self._evaluate(self.qeq_params, system)
         self._check(aux)
@@ -131,19 +135,18 @@ class QEqCalculator(Calculator):
             raise QEqInputError("the learned solver does not support periodic cells yet: set atoms.pbc = False")
         species = self.qeq_params.species_indices(atoms.get_chemical_symbols())
         self.qeq_params.require(self.kernel.required, species)
-        total = self.parameters.total_charge
-        if total is None:
-            total = float(np.sum(atoms.get_initial_charges()))
         pbc = tuple(bool(b) for b in atoms.pbc)
         cell = np.asarray(atoms.cell[:], dtype=float)
-        system = qeq_unroll.make_system(atoms.positions, species, total_charge=total, cell=cell, pbc=pbc, dtype=self._dtype)
+        conditions = self._conditions(atoms)
+        system = qeq_unroll.make_system(atoms.positions, species, cell=cell, pbc=pbc, dtype=self._dtype, **conditions)
+        total = float(np.sum(np.asarray(system.fragment_charges)))
         singular = abs(np.linalg.det(cell)) < 1e-9 * max(1.0, np.abs(cell).max()) ** 3
         if "stress" in properties and singular:
             raise QEqInputError(
                 f"stress needs a non-singular cell (volume > 0), got cell {cell.tolist()}: give every "
                 "non-periodic direction a cell vector too"
             )
-        key = (len(atoms), pbc, tuple(sorted(set(species.tolist()))), float(total))
+        key = (len(atoms), pbc, tuple(sorted(set(species.tolist()))), round(total, 12))
         for attempt in range(3):
             if self._neighbors is None or self._neighbors_key != key or self._cell_changed(cell):
                 self._neighbors = self._energy.neighbors(system, self.qeq_params, skin=self.parameters.skin)
@@ -172,6 +175,35 @@ class QEqCalculator(Calculator):
         if not singular:
             s = np.asarray(stress, dtype=float)
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+
+    def _conditions(self, atoms):
+        """Charge constraints and field as ``make_system`` keywords. Fragments: the ``fragments``
+        parameter or ``atoms.arrays["fragments"]`` (labels 0..F-1 per atom), with charges from the
+        ``fragment_charges`` parameter or, by default, the initial charges summed per fragment.
+        Without fragments: one total charge (``total_charge``, default the initial charges' sum)."""
+        p = self.parameters
+        out = {"field": None if p.field is None else np.asarray(p.field, dtype=float)}
+        labels = p.fragments if p.fragments is not None else atoms.arrays.get("fragments")
+        if labels is None:
+            if p.fragment_charges is not None:
+                raise QEqInputError("fragment_charges given without fragments (a label per atom)")
+            total = p.total_charge
+            out["total_charge"] = float(np.sum(atoms.get_initial_charges())) if total is None else total
+            return out
+        labels = np.asarray(labels)
+        if labels.shape != (len(atoms),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise QEqInputError(f"fragments must be one integer label >= 0 per atom ({len(atoms)}), got shape {labels.shape}")
+        n_frag = int(labels.max()) + 1
+        if p.fragment_charges is None:
+            charges = np.bincount(labels, weights=atoms.get_initial_charges(), minlength=n_frag)
+        else:
+            charges = np.asarray(p.fragment_charges, dtype=float).reshape(-1)
+            if charges.shape != (n_frag,):
+                raise QEqInputError(f"fragment_charges needs one charge per fragment label 0..{n_frag - 1}, got {charges.shape[0]}")
+        if p.total_charge is not None and abs(charges.sum() - p.total_charge) > 1e-10:
+            raise QEqInputError(f"total_charge {p.total_charge} disagrees with the fragment charges (sum {charges.sum():g})")
+        out.update(fragments=labels, fragment_charges=charges)
+        return out
 
     def _cell_changed(self, cell):
         """Image lists and Ewald plans belong to one cell: rebuild when it changes (neighbour lists
