@@ -44,7 +44,8 @@ class QEqCalculator(Calculator):
     None to iterate to ``tol`` (at most ``max_iterations``).
     gradient: "unrolled" | "implicit" | "envelope". total_charge: e (None: sum of the initial
     charges). coulomb_constant: eV·Å. dtype: "float64" (needs JAX x64 enabled) | "float32".
-    skin: Å, of neighbour lists (periodic cells). fragments: a label 0..F-1 per atom (or
+    skin: Å, of neighbour lists (periodic cells); neighbor_layout: "auto" | "images" (dense, small
+    cells) | "list" (jax-md neighbour list, O(N) memory), see ``qeq_unroll.neighbors.build``. fragments: a label 0..F-1 per atom (or
     ``atoms.arrays["fragments"]``): each fragment's charge is fixed, fragment_charges (F,) e (None:
     the initial charges summed per fragment). field: uniform electric field (3,) in V/Å, along
     non-periodic directions only (energy −Σ q_i E·r_i).
@@ -65,6 +66,7 @@ class QEqCalculator(Calculator):
         coulomb_constant=qeq_unroll.COULOMB_CONSTANT,
         dtype="float64",
         skin=qeq_unroll.neighbors.DEFAULT_SKIN,
+        neighbor_layout="auto",
         fragments=None,
         fragment_charges=None,
         field=None,
@@ -149,7 +151,9 @@ class QEqCalculator(Calculator):
         key = (len(atoms), pbc, tuple(sorted(set(species.tolist()))), round(total, 12))
         for attempt in range(3):
             if self._neighbors is None or self._neighbors_key != key or self._cell_changed(cell):
-                self._neighbors = self._energy.neighbors(system, self.qeq_params, skin=self.parameters.skin)
+                self._neighbors = self._energy.neighbors(
+                    system, self.qeq_params, skin=self.parameters.skin, layout=self.parameters.neighbor_layout
+                )
                 self._neighbors_key = key
                 self._neighbors_cell = cell.copy()
             energy, forces, stress, aux, neighbors = self._evaluate_periodic(self.qeq_params, system, self._neighbors)

@@ -1,0 +1,141 @@
+"""Neighbour lists across MD steps: reused with a skin, rebuilt inside jit without recompiling,
+overflow detected and reallocated (never silently wrong), stale cells refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import qeq_unroll as qu
+
+try:
+    from test_periodic import PARAMS, TYPE_ELEMENTS, rock_salt, system_of
+except ImportError:  # tests/ imported as a package
+    from tests.test_periodic import PARAMS, TYPE_ELEMENTS, rock_salt, system_of
+
+jax.config.update("jax_enable_x64", True)
+
+KERNEL = qu.ReaxFF(cutoff=6.0)
+
+
+_REFERENCE = qu.qeq_energy(KERNEL, qu.CG(iterations=4), "unrolled")
+_REFERENCE_EFS = jax.jit(qu.energy_forces_stress(_REFERENCE))
+
+
+def fresh(system):
+    """Energy, forces, stress from the dense image list of these positions (no neighbour list)."""
+    return _REFERENCE_EFS(PARAMS, system, _REFERENCE.neighbors(system, layout="images"))
+
+
+def test_update_rebuilds_inside_jit_and_stays_exact():
+    """Move atoms step by step beyond skin/2: the jitted update rebuilds the list at fixed
+    capacity (same compiled function), and every step equals a from-scratch list."""
+    pos, kinds, cell = rock_salt(2, rattle=0.05, seed=1)
+    system = system_of(pos, kinds, cell)
+    energy = qu.qeq_energy(KERNEL, qu.CG(iterations=4), "unrolled")
+    nbrs = energy.neighbors(system, skin=0.5, layout="list")
+    efs = qu.energy_forces_stress(energy)
+
+    @jax.jit
+    def step(nbrs, system):
+        nbrs = energy.update_neighbors(nbrs, system)
+        return efs(PARAMS, system, nbrs), nbrs
+
+    rng = np.random.default_rng(0)
+    velocity = rng.normal(0.0, 0.08, pos.shape)  # Å per step: > skin/2 after a few steps
+    rebuilt = 0
+    for k in range(8):
+        system = dataclasses.replace(system, positions=system.positions + velocity)
+        (e, f, s, aux), new = step(nbrs, system)
+        assert not bool(new.overflow)
+        rebuilt += int(not np.array_equal(np.asarray(new.pairs.inner.reference_position), np.asarray(nbrs.pairs.inner.reference_position)))
+        nbrs = new
+        e0, f0, s0, _ = fresh(system)
+        assert abs(float(e - e0)) < 1e-10
+        np.testing.assert_allclose(f, f0, atol=1e-10)
+        np.testing.assert_allclose(s, s0, atol=1e-12)
+    assert rebuilt >= 2  # the list was rebuilt inside jit...
+    assert step._cache_size() == 1  # ...without recompiling
+
+
+def test_overflow_is_detected_and_energy_flags_it():
+    """A list allocated for a dilute structure overflows when atoms crowd together; the update
+    says so and so does the energy's aux."""
+    pos, kinds, cell = rock_salt(2, a=6.5, rattle=0.0, seed=2)
+    system = system_of(pos, kinds, cell)
+    energy = qu.qeq_energy(KERNEL, qu.CG(iterations=2), "unrolled")
+    nbrs = energy.neighbors(system, skin=0.5, capacity_multiplier=1.0, layout="list")
+    crowded = pos.copy()
+    crowded[:8] = crowded[0] + 0.9 * (crowded[:8] - crowded[0]) * 0.3 + 1.0  # eight atoms squeezed into a corner
+    squeezed = dataclasses.replace(system, positions=jax.numpy.asarray(crowded))
+    updated = jax.jit(energy.update_neighbors)(nbrs, squeezed)
+    assert bool(updated.overflow)
+    _, aux = jax.jit(energy)(PARAMS, squeezed, updated)
+    assert bool(aux["neighbors_overflow"])
+    # a changed cell is flagged too (lists belong to one cell)
+    stretched = dataclasses.replace(system, cell=system.cell * 1.01)
+    assert bool(jax.jit(energy.update_neighbors)(nbrs, stretched).overflow)
+
+
+def md_atoms():
+    from ase import Atoms
+
+    pos, kinds, cell = rock_salt(2, rattle=0.05, seed=3)
+    return Atoms([TYPE_ELEMENTS[k] for k in kinds], positions=pos, cell=cell, pbc=True)
+
+
+def test_calculator_md_reuses_list_without_recompiling():
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from calculators import QEqCalculator
+
+    atoms = md_atoms()
+    calc = QEqCalculator(params=PARAMS, kernel="reaxff", cutoff=6.0, solver="cg", iterations=4, neighbor_layout="list", skin=0.3)
+    atoms.calc = calc
+    kt = 3000 * units.kB  # hot, so atoms travel beyond skin/2 within a few steps
+    masses = atoms.get_masses()[:, None]
+    atoms.set_momenta(np.random.default_rng(4).normal(0.0, 1.0, (len(atoms), 3)) * np.sqrt(masses * kt))
+    dyn = VelocityVerlet(atoms, timestep=2.0 * units.fs)
+    dyn.run(1)
+    cache = calc._evaluate_periodic._cache_size()
+    reference = calc._neighbors.pairs.inner.reference_position
+    dyn.run(15)
+    assert calc._evaluate_periodic._cache_size() == cache  # no recompilation per step
+    assert not np.array_equal(np.asarray(reference), np.asarray(calc._neighbors.pairs.inner.reference_position))
+    species = PARAMS.species_indices(atoms.get_chemical_symbols())
+    e0, f0, _, _ = fresh(system_of(atoms.positions, species, np.asarray(atoms.cell[:])))
+    np.testing.assert_allclose(atoms.get_forces(), f0, atol=1e-10)
+
+
+def test_calculator_reallocates_on_overflow():
+    """Atoms crowding beyond the list's capacity: the calculator sees the overflow, reallocates
+    and returns what a fresh list gives (never the overflowed result)."""
+    from calculators import QEqCalculator
+
+    atoms = md_atoms()
+    atoms.positions = atoms.positions * 1.0
+    calc = QEqCalculator(params=PARAMS, kernel="reaxff", cutoff=6.0, solver="cg", iterations=4, neighbor_layout="list", skin=0.3)
+    atoms.calc = calc
+    atoms.get_forces()
+    first = calc._neighbors
+    crowded = atoms.positions.copy()
+    far = np.argsort(np.linalg.norm(crowded - crowded[0], axis=1))[-20:]
+    rng = np.random.default_rng(5)
+    placed = [crowded[0]]
+    for i in far:  # twenty distant atoms moved next to atom 0, at least 1.4 Å from each other
+        while True:
+            trial = crowded[0] + rng.uniform(-3.2, 3.2, 3)
+            if min(np.linalg.norm(np.asarray(placed) - trial, axis=1)) > 1.4:
+                break
+        crowded[i] = trial
+        placed.append(trial)
+    atoms.positions = crowded
+    forces = atoms.get_forces()
+    assert calc._neighbors is not first and calc._neighbors.pairs.capacity > first.pairs.capacity
+    species = PARAMS.species_indices(atoms.get_chemical_symbols())
+    _, f0, _, _ = fresh(system_of(atoms.positions, species, np.asarray(atoms.cell[:])))
+    np.testing.assert_allclose(forces, f0, atol=1e-10)
