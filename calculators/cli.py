@@ -37,6 +37,8 @@ def add_demo(subparsers) -> None:
     p.add_argument("--gradient", default="unrolled", help="force mode: unrolled, implicit, envelope (default unrolled)")
     p.add_argument("--kernel", default="gaussian", help="Coulomb kernel (default gaussian)")
     p.add_argument("--params", default="demo-nacl-water", help="parameter set name or JSON file (default demo-nacl-water)")
+    p.add_argument("--no-fit", action="store_true",
+                   help="skip the short fit to the shipped GFN2-xTB data and the relaxation with the fitted set")
     p.set_defaults(func=_run_demo)
 
 
@@ -45,7 +47,7 @@ def _run_demo(args) -> int:
 
     settings = dict(params=args.params, kernel=args.kernel, solver=args.solver, iterations=args.iterations,
                     max_iterations=args.max_iterations, gradient=args.gradient)
-    run_demo(fmax=args.fmax, steps=args.steps, settings=settings)
+    run_demo(fmax=args.fmax, steps=args.steps, settings=settings, fit=not args.no_fit)
     return 0
 
 

@@ -62,9 +62,11 @@ def relax_and_report(name, atoms, calc, fmax, steps, repeats=5):
 
 
 def run_demo(fmax: float = 0.01, steps: int = 1000, settings: dict | None = None,
-             echo: Callable[[str], None] = print):
+             echo: Callable[[str], None] = print, fit: bool = True):
     """Relax the 32-atom NaCl cluster and the water hexamer and print the tables. Returns the list
-    of per-structure result dicts. ``settings`` override :data:`DEMO_SETTINGS` (calculator keywords)."""
+    of per-structure result dicts. ``settings`` override :data:`DEMO_SETTINGS` (calculator keywords).
+    ``fit``: then fit the parameters to the shipped GFN2-xTB NaCl data and relax a held-out cluster
+    with them (``calculators.fitting.demo_fit``)."""
     settings = {**DEMO_SETTINGS, **(settings or {})}
     calc = QEqCalculator(**settings)
     solver = settings["solver"] + (f", K = {settings['iterations']}" if settings.get("iterations") else
@@ -85,6 +87,11 @@ def run_demo(fmax: float = 0.01, steps: int = 1000, settings: dict | None = None
     echo("Timings: 'first call' includes tracing and JIT compilation of the padded size bucket (both "
          "structures pad to the same bucket, so the second one reuses the compiled function); "
          "'per call' is the median energy+forces evaluation afterwards.")
+    if fit:
+        from .fitting import demo_fit
+
+        echo("")
+        demo_fit(echo=echo)
     return results
 
 

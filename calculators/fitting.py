@@ -106,6 +106,8 @@ def add_fit(subparsers) -> None:
     p.add_argument("--lammps-out", default=None, help="also write the fitted set as a LAMMPS fix qeq/* parameter file")
     p.add_argument("--lammps-style", choices=("reaxff", "point", "shielded", "slater"), default=None,
                    help="LAMMPS file style (default: reaxff for the reaxff kernel, point otherwise)")
+    p.add_argument("--min-bucket", type=int, default=0,
+                   help="pad every structure to at least this many atoms: fewer size buckets, fewer compilations")
     p.add_argument("--devices", type=int, default=1, help="split each batch across this many devices (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_fit)
@@ -180,6 +182,7 @@ def run_fit(args, echo=print) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         devices=args.devices,
+        min_bucket=args.min_bucket,
     )
     kernel = qu.get_kernel(args.kernel, args.cutoff)
     solver = qu.get_solver(args.solver, args.iterations, args.tol, args.max_iterations)
@@ -305,6 +308,79 @@ def run_plot_fit(args, echo=print) -> int:
     plt.close(fig)
     echo(f"wrote {out} ({len(epochs)} epochs)")
     return 0
+
+
+def _rmsd(a, b) -> float:
+    """RMSD (Å) of two conformations of the same atoms after removing translation and rotation."""
+    import numpy as np
+
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    u, _, vt = np.linalg.svd(a.T @ b)
+    d = np.sign(np.linalg.det(u @ vt))
+    rot = u @ np.diag([1.0, 1.0, d]) @ vt
+    return float(np.sqrt(np.mean(np.sum((a @ rot - b) ** 2, axis=1))))
+
+
+def demo_fit(echo=print, epochs: int = 15, fmax: float = 0.02) -> dict:
+    """The fitting part of ``qeq-unroll demo``: a short fit of ``demo-nacl-water`` to the shipped
+    GFN2-xTB NaCl clusters of 8 and 16 atoms (validation: the held-out 12-atom clusters), then a
+    BFGS relaxation of the held-out 20-atom cluster (a size never fitted) with the start and the
+    fitted parameters, compared with the GFN2-xTB minimum. Returns the numbers as a dict."""
+    import time
+
+    import numpy as np
+    from ase import Atoms
+    from ase.io import read
+
+    import qeq_unroll as qu
+    from qeq_unroll import fit as F
+
+    from .data import read_reference, shipped_reference
+    from .md import relax
+    from .qeq import QEqCalculator
+
+    t0 = time.perf_counter()
+    start = qu.load_params("demo-nacl-water")
+    train, _ = read_reference(shipped_reference("train"), start)
+    held, _ = read_reference(shipped_reference("heldout"), start)
+    nacl = lambda d, sizes: d.subset([i for i, c in enumerate(d.configurations)  # noqa: E731
+                                      if c.n_atoms in sizes and set(int(s) for s in c.species) <= {2, 3}])
+    train, val = nacl(train, (8, 16)), nacl(held, (12,))
+    iterations = 16
+    energy = qu.qeq_energy("gaussian", qu.CG(iterations=iterations), "unrolled")
+    config = F.FitConfig(epochs=epochs, batch_size=14, learning_rate=0.05, patience=None, min_bucket=16)
+    echo(f"Fit: {len(train)} GFN2-xTB NaCl clusters of 8 and 16 atoms (shipped set), validation {len(val)} "
+         f"held-out clusters of 12 atoms; chi, J, sigma and pair terms from '{start.name}'; CG K = {iterations}, "
+         f"unrolled gradients through the solver; Adam, {epochs} epochs")
+    result = F.fit(start, train, energy, config, validation=val)
+    fitted = result.params
+    v0, v1 = result.initial["validation"], result.history[result.best_epoch]["validation"]
+    echo(f"  validation force RMSE {v0['force_rmse']:.3f} -> {v1['force_rmse']:.3f} eV/A, charge RMSE "
+         f"{v0['charge_rmse']:.3f} -> {v1['charge_rmse']:.3f} e ({time.perf_counter() - t0:.1f} s with compilation)")
+    ref = [a for a in read(shipped_reference("heldout"), ":") if a.info["config_type"] == "relaxed" and len(a) == 20][0]
+    rattled = Atoms(ref.get_chemical_symbols(), positions=ref.positions
+                    + np.random.default_rng(0).normal(0.0, 0.1, ref.positions.shape))
+    out = dict(validation_start=v0, validation_fitted=v1)
+    head = f"  {'Na10Cl10 (held-out size)':<26s} {'BFGS':>5s} {'max|F| eV/A':>11s} {'RMSD to xTB min (A)':>20s} {'Na-Cl min (A)':>13s} {'q(Na) e':>8s}"
+    echo("Relax the held-out 20-atom cluster (xTB minimum rattled by 0.1 A):")
+    echo(head)
+    echo("  " + "-" * (len(head) - 2))
+    for label, params in (("start", start), ("fitted", fitted)):
+        calc = QEqCalculator(params=params, kernel="gaussian", solver="cg", iterations=iterations)
+        atoms = relax(rattled.copy(), calc, fmax=fmax, steps=500)
+        symbols = np.asarray(atoms.get_chemical_symbols())
+        d = atoms.get_all_distances()[np.ix_(symbols == "Na", symbols == "Cl")]
+        rmsd = _rmsd(atoms.positions, ref.positions)
+        f = float(np.max(np.linalg.norm(calc.results["forces"], axis=1)))
+        qna = float(np.mean(calc.results["charges"][symbols == "Na"]))
+        echo(f"  {label:<26s} {atoms.info['relax_steps']:>5d} {f:11.2e} {rmsd:20.3f} {d.min():13.3f} {qna:8.3f}")
+        out[label] = dict(rmsd=rmsd, fmax=f, steps=atoms.info["relax_steps"], q_na=qna)
+    symbols = np.asarray(ref.get_chemical_symbols())
+    d = ref.get_all_distances()[np.ix_(symbols == "Na", symbols == "Cl")]
+    echo(f"  {'GFN2-xTB':<26s} {'':>5s} {'':>11s} {0.0:20.3f} {d.min():13.3f} {np.mean(ref.arrays['REF_charges'][symbols == 'Na']):8.3f}")
+    echo(f"Fit and relaxations: {time.perf_counter() - t0:.1f} s")
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -184,7 +184,15 @@ class BatchPlan(NamedTuple):
     indices: tuple[int, ...]
 
 
-def plan_batches(dataset: Dataset, batch_size: int, order: Sequence[int] | None = None) -> list[BatchPlan]:
+def bucket_of(n_atoms: int, min_size: int = 0) -> int:
+    """The padded size of a structure of ``n_atoms``: ``size_bucket(max(n_atoms, min_size))``.
+    A ``min_size`` merges the small buckets (fewer compilations, more padding)."""
+    return size_bucket(max(int(n_atoms), int(min_size)))
+
+
+def plan_batches(
+    dataset: Dataset, batch_size: int, order: Sequence[int] | None = None, min_size: int = 0
+) -> list[BatchPlan]:
     """Group the configurations (in ``order``, default dataset order) by size bucket and cut each
     group into chunks of at most ``batch_size``. Buckets come in increasing size."""
     if batch_size < 1:
@@ -192,7 +200,7 @@ def plan_batches(dataset: Dataset, batch_size: int, order: Sequence[int] | None 
     order = range(len(dataset)) if order is None else order
     groups: dict[int, list[int]] = {}
     for i in order:
-        groups.setdefault(size_bucket(dataset[int(i)].n_atoms), []).append(int(i))
+        groups.setdefault(bucket_of(dataset[int(i)].n_atoms, min_size), []).append(int(i))
     plans = []
     for bucket in sorted(groups):
         idx = groups[bucket]
@@ -200,22 +208,26 @@ def plan_batches(dataset: Dataset, batch_size: int, order: Sequence[int] | None 
     return plans
 
 
-def epoch_plan(dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[BatchPlan]:
+def epoch_plan(
+    dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: bool = True, min_size: int = 0
+) -> list[BatchPlan]:
     """The batches of one epoch: configurations shuffled by ``(seed, epoch)``, grouped by bucket,
     and the batches themselves shuffled. Deterministic, so a resumed fit sees the same order."""
     if not shuffle:
-        return plan_batches(dataset, batch_size)
+        return plan_batches(dataset, batch_size, min_size=min_size)
     rng = np.random.default_rng([int(seed), int(epoch)])
-    plans = plan_batches(dataset, batch_size, rng.permutation(len(dataset)))
+    plans = plan_batches(dataset, batch_size, rng.permutation(len(dataset)), min_size)
     return [plans[k] for k in rng.permutation(len(plans))]
 
 
 class Batcher:
     """Builds :class:`Batch` es of ``dataset`` with a fixed ``batch_size`` (rounded up to a
-    multiple of ``multiple_of``, e.g. the number of devices), caching each padded structure."""
+    multiple of ``multiple_of``, e.g. the number of devices), caching each padded structure.
+    ``min_size``: pad every structure to at least this many atoms (see :func:`bucket_of`)."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, multiple_of: int = 1, dtype=None):
+    def __init__(self, dataset: Dataset, batch_size: int, multiple_of: int = 1, dtype=None, min_size: int = 0):
         self.dataset = dataset
+        self.min_size = int(min_size)
         self.batch_size = int(-(-int(batch_size) // multiple_of) * multiple_of)
         self.dtype = dtype or jnp.asarray(0.0).dtype
         self._cache: dict[int, dict] = {}
@@ -224,7 +236,7 @@ class Batcher:
     def _padded(self, i: int) -> dict:
         if i not in self._cache:
             c = self.dataset[i]
-            n, bucket = c.n_atoms, size_bucket(c.n_atoms)
+            n, bucket = c.n_atoms, bucket_of(c.n_atoms, self.min_size)
             s = make_system(c.positions, c.species, total_charge=c.total_charge, pad_to=bucket, dtype=self.dtype)
             f = np.zeros((bucket, 3))
             q = np.zeros(bucket)
@@ -286,7 +298,7 @@ class Batcher:
 
     def all_batches(self) -> list[Batch]:
         """Every configuration once, in bucket order (for evaluation and full-batch optimisers)."""
-        return [self.batch(p) for p in plan_batches(self.dataset, self.batch_size)]
+        return [self.batch(p) for p in plan_batches(self.dataset, self.batch_size, min_size=self.min_size)]
 
 
 def persisted_split(path, dataset: Dataset, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -261,7 +261,11 @@ def predict(evaluate: Callable, params: Params, offsets, batch: Batch, one_by_on
 def batch_sums(evaluate: Callable, params: Params, offsets, batch: Batch, one_by_one: bool = False) -> dict:
     """Sums of squared and absolute errors of a batch, and how many values each sum holds.
     Weight-zero fillers and padding atoms take no part."""
-    p = predict(evaluate, params, offsets, batch, one_by_one)
+    return sums_of_errors(predict(evaluate, params, offsets, batch, one_by_one), batch)
+
+
+def sums_of_errors(p: Mapping, batch: Batch) -> dict:
+    """The sums of :func:`batch_sums` from predictions ``p`` (see :func:`predict`)."""
     atom = batch.system.fragments >= 0
     real = batch.weight > 0
 
@@ -344,7 +348,8 @@ class FitConfig:
     multiple of ``devices``). patience: epochs without a validation improvement of more than
     ``min_delta`` (relative) before stopping (None: never). seed: shuffling. checkpoint_every:
     optimiser steps between checkpoints. chi_gauge: "auto" (when all training data are neutral),
-    True or False. devices: number of devices to split each batch across.
+    True or False. devices: number of devices to split each batch across. min_bucket: pad every
+    structure to at least this many atoms (fewer size buckets, so fewer compilations).
     """
 
     train: tuple[str, ...] = ("chi", "hardness", "sigma", "pairs")
@@ -366,6 +371,7 @@ class FitConfig:
     lbfgs_memory: int = 10
     chi_gauge: Any = "auto"
     devices: int = 1
+    min_bucket: int = 0
 
     def __post_init__(self):
         unknown = set(self.weights) - set(TERMS)
@@ -492,7 +498,9 @@ def _lbfgs_step(spec: StepSpec, raw, opt_state, anchor, raw0, stacks):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _param_sums(energy, params, offsets, batch):
-    return batch_sums(energy_and_forces(energy), params, offsets, batch, sequential(energy))
+    """(sums of errors, predicted energies) of a batch for plain ``Params``."""
+    p = predict(energy_and_forces(energy), params, offsets, batch, sequential(energy))
+    return sums_of_errors(p, batch), p["energy"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -502,7 +510,10 @@ def _param_predict(energy, params, offsets, batch):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _raw_sums(energy, par, raw, anchor, batch):
-    return batch_sums(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch, sequential(energy))
+    """(sums of errors, predicted energies) of a batch: one compiled evaluation serves the
+    metrics and the least-squares start of the energy offsets."""
+    p = predict(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch, sequential(energy))
+    return sums_of_errors(p, batch), p["energy"]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -601,7 +612,7 @@ class Fitter:
     def dataset_sums(self, raw, batches):
         sums = None
         for b in batches:
-            s = self.sums(raw, b)
+            s = self.sums(raw, b)[0]
             sums = s if sums is None else add_sums(sums, s)
         return jax.device_get(sums)
 
@@ -628,11 +639,11 @@ def least_squares_offsets(model_energies, reference, counts, n_atoms) -> np.ndar
 
 def _initial_offsets(fitter: Fitter, raw, batcher: Batcher) -> np.ndarray:
     e_model, e_ref, counts, n = [], [], [], []
-    for plan in plan_batches(batcher.dataset, batcher.batch_size):
+    for plan in plan_batches(batcher.dataset, batcher.batch_size, min_size=batcher.min_size):
         batch = batcher.batch(plan)
-        p = jax.device_get(fitter.predict(raw, fitter.shard(batch)))
+        energies = jax.device_get(fitter.sums(raw, fitter.shard(batch))[1])
         keep = np.asarray(batch.weight > 0) & np.asarray(batch.has_energy > 0)
-        e_model.append(np.asarray(p["energy"])[keep])
+        e_model.append(np.asarray(energies)[keep])
         e_ref.append(np.asarray(batch.energy)[keep])
         counts.append(np.asarray(batch.counts)[keep])
         n.append(np.asarray(batch.n_atoms)[keep])
@@ -756,10 +767,12 @@ def fit(
     distances = pair_reference_distances(train)
     par = make_parametrisation(params, config.train, train.species_present(), gauge, distances)
     anchor = par.anchor(params, distances)
-    batcher = Batcher(train, config.batch_size, multiple_of=config.devices)
-    val_batcher = None if validation is None else Batcher(validation, config.batch_size, multiple_of=config.devices)
+    batcher = Batcher(train, config.batch_size, multiple_of=config.devices, min_size=config.min_bucket)
+    val_batcher = None if validation is None else Batcher(
+        validation, config.batch_size, multiple_of=config.devices, min_size=config.min_bucket
+    )
     lbfgs = config.optimizer == "lbfgs"
-    steps_per_epoch = 1 if lbfgs else len(plan_batches(train, batcher.batch_size))
+    steps_per_epoch = 1 if lbfgs else len(plan_batches(train, batcher.batch_size, min_size=config.min_bucket))
     steps_total = config.epochs * steps_per_epoch
     fitter = Fitter(energy, par, anchor, config, steps_total)
     train_eval = [fitter.shard(b) for b in batcher.all_batches()]
@@ -842,7 +855,7 @@ def fit(
     try:
         while not done and epoch < config.epochs:
             if order is None:
-                plans = epoch_plan(train, batcher.batch_size, config.seed, epoch)
+                plans = epoch_plan(train, batcher.batch_size, config.seed, epoch, min_size=config.min_bucket)
                 order = [(p.bucket, p.indices) for p in plans]
             if lbfgs:
                 if position == 0:
@@ -926,6 +939,21 @@ def fit(
     )
 
 
+def fit_offsets(params: Params, dataset: Dataset, energy: Callable, batch_size: int = 16) -> dict:
+    """Per-element energy offsets (eV, ``{element: b}``) that best align the model energies of
+    ``params`` with the reference energies of ``dataset`` (least squares per atom)."""
+    n_el = len(params.elements)
+    zero = jnp.zeros(n_el, params.chi.dtype)
+    e_model, e_ref, counts, n = [], [], [], []
+    for b in Batcher(dataset, batch_size).all_batches():
+        keep = np.asarray(b.weight > 0) & np.asarray(b.has_energy > 0)
+        e_model.append(np.asarray(_param_sums(energy, params, zero, b)[1])[keep])
+        e_ref.append(np.asarray(b.energy)[keep])
+        counts.append(np.asarray(b.counts)[keep])
+        n.append(np.asarray(b.n_atoms)[keep])
+    return offsets_dict(params, least_squares_offsets(*(np.concatenate(x) for x in (e_model, e_ref, counts, n))))
+
+
 def evaluate(params: Params, dataset: Dataset, energy: Callable, offsets=None, batch_size: int = 16) -> dict:
     """Metrics of ``params`` on ``dataset`` (see :func:`metrics_from_sums`). offsets: per-element
     energy offsets (eV, array or ``{element: eV}``); ``None`` fits them to ``dataset`` by least
@@ -933,24 +961,14 @@ def evaluate(params: Params, dataset: Dataset, energy: Callable, offsets=None, b
     if tuple(dataset.elements) != tuple(params.elements):
         raise QEqInputError(f"the data are indexed by elements {dataset.elements}, the parameters by {params.elements}")
     params.require(energy.kernel.required, dataset.species_present())
-    batcher = Batcher(dataset, batch_size)
-    batches = batcher.all_batches()
-    n_el = len(params.elements)
+    batches = Batcher(dataset, batch_size).all_batches()
     if offsets is None:
-        zero = jnp.zeros(n_el, params.chi.dtype)
-        e_model, e_ref, counts, n = [], [], [], []
-        for b in batches:
-            keep = np.asarray(b.weight > 0) & np.asarray(b.has_energy > 0)
-            e_model.append(np.asarray(_param_predict(energy, params, zero, b)["energy"])[keep])
-            e_ref.append(np.asarray(b.energy)[keep])
-            counts.append(np.asarray(b.counts)[keep])
-            n.append(np.asarray(b.n_atoms)[keep])
-        offsets = least_squares_offsets(*(np.concatenate(x) for x in (e_model, e_ref, counts, n)))
-    elif isinstance(offsets, Mapping):
+        offsets = fit_offsets(params, dataset, energy, batch_size)
+    if isinstance(offsets, Mapping):
         offsets = np.asarray([float(offsets.get(el, 0.0)) for el in params.elements])
     offsets = jnp.asarray(offsets, dtype=params.chi.dtype)
     sums = None
     for b in batches:
-        s = _param_sums(energy, params, offsets, b)
+        s = _param_sums(energy, params, offsets, b)[0]
         sums = s if sums is None else add_sums(sums, s)
     return metrics_from_sums(jax.device_get(sums), {k: 1.0 for k in TERMS})
