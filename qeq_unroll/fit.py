@@ -709,6 +709,15 @@ def _model_name(energy) -> str:
     return " ".join(parts)
 
 
+def model_label(energy) -> str:
+    """A short description of the model, e.g. "gaussian kernel, cg K=20, unrolled gradients"."""
+    kernel, solver, gradient = (getattr(energy, a, None) for a in ("kernel", "solver", "gradient"))
+    k = getattr(solver, "iterations", None)
+    iters = f"K={k}" if k else ("to tol" if hasattr(solver, "iterations") else "")
+    return (f"{getattr(kernel, 'name', kernel)} kernel, {getattr(solver, 'name', solver)} {iters}".rstrip()
+            + f", {getattr(gradient, 'name', gradient)} gradients")
+
+
 def offsets_dict(params: Params, offsets) -> dict:
     return {el: float(b) for el, b in zip(params.elements, np.asarray(offsets))}
 
@@ -839,7 +848,7 @@ def fit(
 
     def write_log():
         if log is not None:
-            lines = [json.dumps(dict(event="start", config=config.to_dict(), model=_model_name(energy),
+            lines = [json.dumps(dict(event="start", config=config.to_dict(), model=model_label(energy),
                                      n_train=len(train), n_validation=0 if validation is None else len(validation),
                                      **initial))]
             lines += [json.dumps(h) for h in history]
