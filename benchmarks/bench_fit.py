@@ -36,7 +36,6 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qeq_unroll as qu  # noqa: E402
 from calculators.data import read_reference, shipped_reference  # noqa: E402
 from qeq_unroll import fit as F  # noqa: E402
-from qeq_unroll.dataset import BatchPlan, Batcher, epoch_plan, persisted_split, plan_batches  # noqa: E402
+from qeq_unroll.dataset import Batcher, epoch_plan, persisted_split, plan_batches  # noqa: E402
 from results import write_section  # noqa: E402
 
 START = "demo-nacl-water"
@@ -157,7 +156,7 @@ def report(acc, lbfgs, thr, mem, quick) -> str:
         "(converged to 1e-10 on these clusters), unrolled gradients — the `qeq-unroll fit` defaults; "
         "trained: χ, J, σ and the pair terms of the elements present, plus per-element energy offsets.",
         "",
-        f"### Held-out NaCl clusters (sizes 12, 20, 28 atoms; training has 8, 16, 24, 32)",
+        "### Held-out NaCl clusters (sizes 12, 20, 28 atoms; training has 8, 16, 24, 32)",
         "",
     ]
     for run in (acc, lbfgs):

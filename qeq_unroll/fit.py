@@ -18,9 +18,11 @@ with per-element energy offsets b_e (fitted; reference energies with any zero wo
 toward the start θ₀ measured in the raw coordinates below (s = 1 for logarithms, max(|x₀|, 1)
 otherwise).
 
-Raw coordinates (what the optimiser sees) keep the physics by construction: hardness J, widths
+Raw coordinates (``parametrisation``; losses and metrics: ``loss``) keep the physics by construction: hardness J, widths
 σ and γ and the positive pair coefficients (A, ρ, a, r0, D) are trained as logarithms, so they stay
-positive at every step; χ and the Buckingham C are trained as they are. Only the elements present
+positive at every step (the prefactor A of an exponential repulsion as the logarithm of the
+repulsion at the pair's typical contact distance, which decouples it from ρ); χ and the Buckingham
+C are trained as they are. Only the elements present
 in the training data are trained. χ is only defined up to a common shift per charge constraint
 (a uniform shift of every χ leaves neutral systems' charges and energies unchanged), so when all
 training structures are neutral the mean χ of the trained elements is held at its start value
@@ -50,288 +52,31 @@ import numpy as np
 import optax
 
 from .dataset import Batch, Batcher, BatchPlan, Dataset, epoch_plan, plan_batches
-from .energy import dipole_moment, energy_and_forces
+from .energy import energy_and_forces
 from .errors import QEqInputError
-from .params import PAIR_FORMS, Params, pair_key, write_atomic
+from .loss import (  # noqa: F401  (re-exported: the fitting API in one place)
+    TERMS,
+    add_sums,
+    batch_sums,
+    least_squares_offsets,
+    loss_from_sums,
+    metrics_from_sums,
+    predict,
+    sequential,
+    sums_of_errors,
+)
+from .parametrisation import (  # noqa: F401  (re-exported)
+    GROUPS,
+    LOG_ELEMENT_KEYS,
+    LOG_PAIR_KEYS,
+    Parametrisation,
+    make_parametrisation,
+    pair_reference_distances,
+)
+from .params import Params, write_atomic
 
-#: Groups of parameters that can be trained.
-GROUPS = ("chi", "hardness", "sigma", "gamma", "pairs")
-#: Element keys trained as logarithms (positive by construction).
-LOG_ELEMENT_KEYS = ("hardness", "sigma", "gamma")
-#: Pair coefficients trained as logarithms (positive by construction); A only when it starts > 0.
-LOG_PAIR_KEYS = ("A", "rho", "a", "r0", "D")
-#: Terms of the loss, in the order of ``FitConfig.weights``.
-TERMS = ("energy", "forces", "charges", "dipole")
 CHECKPOINT_FORMAT = "qeq-unroll-fit-checkpoint"
 CHECKPOINT_VERSION = 1
-
-
-# --- parametrisation -------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Parametrisation:
-    """Maps ``Params`` to the raw, unconstrained coordinates the optimiser updates and back.
-
-    Static (hashable) part: groups: trained groups (subset of ``GROUPS``); elements: indices of
-    the trained elements; chi_gauge: hold the mean χ of the trained elements at its start value;
-    pair_coeffs: the trained pair coefficients as ``(pair_key, form, coeff, kind)`` with kind
-    "log" (the raw value is the logarithm), "linear", or "log_at_ref" for the prefactor A of an
-    exponential repulsion A e^(−r/ρ), whose raw value is log(A e^(−r_ref/ρ)), the logarithm of the
-    repulsion at the pair's typical contact distance r_ref (Å). A and ρ are nearly degenerate over
-    the narrow range of distances in the data; the energy at r_ref and ρ are not.
-
-    The numbers the mapping needs (the start ``Params``, the χ mean, the r_ref) form the
-    *anchor* (:meth:`anchor`), a pytree passed to compiled functions as data, so fits that differ
-    only in those numbers share one compiled step.
-    """
-
-    groups: tuple[str, ...]
-    elements: tuple[int, ...]
-    chi_gauge: bool
-    pair_coeffs: tuple[tuple[str, str, str, str], ...]
-
-    def anchor(self, params: Params, pair_distances: Mapping[str, float] | None = None) -> dict:
-        """``{"params", "chi_mean", "r_ref"}`` for start ``params`` and contact distances (Å)."""
-        pair_distances = pair_distances or {}
-        chi = np.asarray(params.chi)[list(self.elements)] if self.elements else np.zeros(1)
-        dtype = jnp.asarray(params.chi).dtype
-        r_ref = {
-            _pair_name(k, f, c): jnp.asarray(float(pair_distances[k]), dtype)
-            for k, f, c, kind in self.pair_coeffs
-            if kind == "log_at_ref"
-        }
-        return {"params": params, "chi_mean": jnp.asarray(float(np.mean(chi)), dtype), "r_ref": r_ref}
-
-    def raw(self, anchor: Mapping, offsets) -> dict:
-        """Raw coordinates of the anchor's parameters, and the energy offsets (eV per element)."""
-        params = anchor["params"]
-        idx = np.asarray(self.elements, dtype=np.int32)
-        raw = {"offsets": jnp.asarray(offsets)}
-        if "chi" in self.groups:
-            raw["chi"] = jnp.asarray(params.chi)[idx]
-        for key in LOG_ELEMENT_KEYS:
-            if key in self.groups:
-                raw[key] = jnp.log(jnp.asarray(getattr(params, key))[idx])
-        if self.pair_coeffs:
-            out = {}
-            for k, f, c, kind in self.pair_coeffs:
-                name = _pair_name(k, f, c)
-                v = jnp.asarray(params.pairs[k][f][c])
-                if kind == "log":
-                    v = jnp.log(v)
-                elif kind == "log_at_ref":
-                    v = jnp.log(v) - anchor["r_ref"][name] / params.pairs[k][f]["rho"]
-                out[name] = v
-            raw["pairs"] = out
-        return raw
-
-    def params(self, raw: Mapping, anchor: Mapping) -> Params:
-        """The ``Params`` of raw coordinates ``raw``; untrained entries come from the anchor."""
-        base = anchor["params"]
-        idx = np.asarray(self.elements, dtype=np.int32)
-        changes = {}
-        if "chi" in raw:
-            chi = raw["chi"]
-            if self.chi_gauge:
-                chi = chi - jnp.mean(chi) + anchor["chi_mean"]
-            changes["chi"] = base.chi.at[idx].set(chi)
-        for key in LOG_ELEMENT_KEYS:
-            if key in raw:
-                changes[key] = getattr(base, key).at[idx].set(jnp.exp(raw[key]))
-        if "pairs" in raw:
-            pairs = {k: {f: dict(c) for f, c in forms.items()} for k, forms in base.pairs.items()}
-            for k, f, c, kind in self.pair_coeffs:
-                v = raw["pairs"][_pair_name(k, f, c)]
-                if kind != "log_at_ref":
-                    pairs[k][f][c] = jnp.exp(v) if kind == "log" else v
-            for k, f, c, kind in self.pair_coeffs:  # after rho is known
-                if kind == "log_at_ref":
-                    name = _pair_name(k, f, c)
-                    pairs[k][f][c] = jnp.exp(raw["pairs"][name] + anchor["r_ref"][name] / pairs[k][f]["rho"])
-            changes["pairs"] = pairs
-        return base.replace(**changes)
-
-    def pull(self, raw: Mapping, raw0: Mapping):
-        """Σ ((θ − θ₀)/s)² over the trained coordinates (offsets left out)."""
-        total = 0.0
-        for key in ("chi",) + LOG_ELEMENT_KEYS:
-            if key in raw:
-                scale = 1.0 if key != "chi" else jnp.maximum(jnp.abs(raw0[key]), 1.0)
-                total = total + jnp.sum(((raw[key] - raw0[key]) / scale) ** 2)
-        if "pairs" in raw:
-            for k, f, c, kind in self.pair_coeffs:
-                name = _pair_name(k, f, c)
-                scale = 1.0 if kind != "linear" else jnp.maximum(jnp.abs(raw0["pairs"][name]), 1.0)
-                total = total + ((raw["pairs"][name] - raw0["pairs"][name]) / scale) ** 2
-        return total
-
-
-def _pair_name(key, form, coeff):
-    return f"{key}.{form}.{coeff}"
-
-
-def pair_reference_distances(dataset: Dataset) -> dict:
-    """For each element pair in the data, the median over structures of the shortest distance
-    between two such atoms (Å): the typical contact distance of that pair."""
-    shortest: dict[str, list[float]] = {}
-    els = dataset.elements
-    for c in dataset.configurations:
-        d = np.linalg.norm(c.positions[:, None, :] - c.positions[None, :, :], axis=-1)
-        np.fill_diagonal(d, np.inf)
-        present = sorted(set(int(s) for s in c.species))
-        for a in present:
-            for b in present:
-                if a > b:
-                    continue
-                sub = d[np.ix_(c.species == a, c.species == b)]
-                if np.isfinite(sub).any():
-                    shortest.setdefault(pair_key(els[a], els[b]), []).append(float(np.min(sub)))
-    return {k: float(np.median(v)) for k, v in shortest.items()}
-
-
-def make_parametrisation(
-    params: Params,
-    groups: Sequence[str],
-    elements: Sequence[int],
-    chi_gauge: bool,
-    pair_distances: Mapping[str, float] | None = None,
-) -> Parametrisation:
-    """Check that ``params`` has what ``groups`` train for ``elements`` and build the mapping.
-    pair_distances: typical contact distance per pair key (Å, e.g. from
-    :func:`pair_reference_distances`); without one a prefactor A is trained as log A."""
-    groups = tuple(dict.fromkeys(groups))
-    unknown = [g for g in groups if g not in GROUPS]
-    if unknown:
-        raise QEqInputError(f"unknown parameter group(s) {unknown} to train (valid: {', '.join(GROUPS)})")
-    if not groups:
-        raise QEqInputError("nothing to train: give at least one of " + ", ".join(GROUPS))
-    elements = tuple(int(e) for e in elements)
-    element_keys = [g for g in groups if g != "pairs"]
-    if element_keys:
-        params.require(element_keys, elements)
-    pair_distances = pair_distances or {}
-    pair_coeffs = []
-    if "pairs" in groups:
-        names = {params.elements[e] for e in elements}
-        for key in sorted(params.pairs):
-            if not set(key.split("-")) <= names:
-                continue  # a pair of elements absent from the data: nothing to learn
-            for form in sorted(params.pairs[key]):
-                for coeff in PAIR_FORMS[form]:
-                    value = float(params.pairs[key][form][coeff])
-                    kind = "log" if (coeff in LOG_PAIR_KEYS and value > 0) else "linear"
-                    if coeff == "A" and kind == "log" and form in ("born_mayer", "buckingham") and pair_distances.get(key):
-                        kind = "log_at_ref"
-                    pair_coeffs.append((key, form, coeff, kind))
-        if not pair_coeffs:
-            raise QEqInputError(
-                f"'pairs' is to be trained but parameter set '{params.name}' has no pair terms between "
-                f"the elements of the data ({', '.join(sorted(names))}); add them to the start set"
-            )
-    return Parametrisation(groups, elements, bool(chi_gauge and "chi" in groups), tuple(pair_coeffs))
-
-
-# --- predictions, losses, metrics ------------------------------------------------------------
-def sequential(energy) -> bool:
-    """Whether a batch is better evaluated one structure after the other (``lax.map``) than
-    vectorised (``vmap``): for solvers iterating to a tolerance, whose data-dependent loop and
-    branch would, vectorised, run every branch for every structure."""
-    solver = getattr(energy, "solver", None)
-    return hasattr(solver, "iterations") and solver.iterations is None
-
-
-def predict(evaluate: Callable, params: Params, offsets, batch: Batch, one_by_one: bool = False) -> dict:
-    """Model predictions for a batch: ``energy`` (B,) eV including the offsets, ``forces``
-    (B, N, 3), ``charges`` (B, N), ``dipole`` (B, 3), and the solver diagnostics.
-    ``evaluate`` is ``energy_and_forces(energy)``; ``one_by_one``: see :func:`sequential`."""
-    if one_by_one:
-        e, f, aux = jax.lax.map(lambda s: evaluate(params, s), batch.system)
-    else:
-        e, f, aux = jax.vmap(evaluate, in_axes=(None, 0))(params, batch.system)
-    q = aux["charges"]
-    return dict(
-        energy=e + batch.counts @ offsets,
-        forces=f,
-        charges=q,
-        dipole=jax.vmap(dipole_moment)(q, batch.system.positions),
-        residual=aux["residual"],
-        converged=aux["converged"],
-    )
-
-
-def batch_sums(evaluate: Callable, params: Params, offsets, batch: Batch, one_by_one: bool = False) -> dict:
-    """Sums of squared and absolute errors of a batch, and how many values each sum holds.
-    Weight-zero fillers and padding atoms take no part."""
-    return sums_of_errors(predict(evaluate, params, offsets, batch, one_by_one), batch)
-
-
-def sums_of_errors(p: Mapping, batch: Batch) -> dict:
-    """The sums of :func:`batch_sums` from predictions ``p`` (see :func:`predict`)."""
-    atom = batch.system.fragments >= 0
-    real = batch.weight > 0
-
-    def masked(mask, x):
-        return jnp.where(mask, x, 0.0)
-
-    we = real & (batch.has_energy > 0)
-    de = masked(we, (p["energy"] - batch.energy) / batch.n_atoms)
-    wf = (real & (batch.has_forces > 0))[:, None] & atom
-    df = masked(wf[..., None], p["forces"] - batch.forces)
-    wq = (real & (batch.has_charges > 0))[:, None] & atom
-    dq = masked(wq, p["charges"] - batch.charges)
-    wd = real & (batch.has_dipole > 0)
-    dd = masked(wd[:, None], p["dipole"] - batch.dipole)
-    return dict(
-        energy_sq=jnp.sum(de**2),
-        energy_abs=jnp.sum(jnp.abs(de)),
-        energy_n=jnp.sum(we),
-        forces_sq=jnp.sum(df**2),
-        forces_abs=jnp.sum(jnp.abs(df)),
-        forces_n=3.0 * jnp.sum(wf),
-        charges_sq=jnp.sum(dq**2),
-        charges_n=jnp.sum(wq),
-        dipole_sq=jnp.sum(dd**2),
-        dipole_n=3.0 * jnp.sum(wd),
-        configurations=jnp.sum(real),
-        unconverged=jnp.sum(real & ~p["converged"]),
-        max_residual=jnp.max(jnp.where(real, p["residual"], 0.0)),
-    )
-
-
-def add_sums(a: Mapping, b: Mapping) -> dict:
-    return {k: (jnp.maximum(a[k], b[k]) if k == "max_residual" else a[k] + b[k]) for k in a}
-
-
-def loss_from_sums(sums: Mapping, weights: Mapping):
-    """Σ_term w_term × (mean squared error of the term); terms without data contribute 0."""
-    total = 0.0
-    for term in TERMS:
-        w = float(weights.get(term, 0.0))
-        if w:
-            total = total + w * sums[f"{term}_sq"] / jnp.maximum(sums[f"{term}_n"], 1.0)
-    return total
-
-
-def metrics_from_sums(sums: Mapping, weights: Mapping) -> dict:
-    """Host-side metrics: energy MAE and RMSE in meV/atom, force RMSE and MAE in eV/Å (over
-    Cartesian components), charge RMSE in e, dipole RMSE in e·Å (per component), the loss (no
-    pull), the number of structures and of unconverged solves. ``None`` where no reference."""
-    s = {k: float(v) for k, v in sums.items()}
-
-    def ratio(num, den, f=lambda x: x):
-        return f(s[num] / s[den]) if s[den] > 0 else None
-
-    return dict(
-        loss=float(loss_from_sums(s, weights)),
-        energy_mae=None if s["energy_n"] == 0 else 1000.0 * s["energy_abs"] / s["energy_n"],
-        energy_rmse=None if s["energy_n"] == 0 else 1000.0 * math.sqrt(s["energy_sq"] / s["energy_n"]),
-        force_rmse=ratio("forces_sq", "forces_n", math.sqrt),
-        force_mae=ratio("forces_abs", "forces_n"),
-        charge_rmse=ratio("charges_sq", "charges_n", math.sqrt),
-        dipole_rmse=ratio("dipole_sq", "dipole_n", math.sqrt),
-        configurations=int(s["configurations"]),
-        unconverged=int(s["unconverged"]),
-        max_residual=s["max_residual"],
-    )
 
 
 # --- configuration and result ----------------------------------------------------------------
@@ -504,7 +249,8 @@ def _param_sums(energy, params, offsets, batch):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _param_predict(energy, params, offsets, batch):
+def predict_batch(energy, params, offsets, batch):
+    """Compiled :func:`predict` of a batch for the model ``energy`` (static: build it once)."""
     return predict(energy_and_forces(energy), params, offsets, batch, sequential(energy))
 
 
@@ -514,11 +260,6 @@ def _raw_sums(energy, par, raw, anchor, batch):
     metrics and the least-squares start of the energy offsets."""
     p = predict(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch, sequential(energy))
     return sums_of_errors(p, batch), p["energy"]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _raw_predict(energy, par, raw, anchor, batch):
-    return predict(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch, sequential(energy))
 
 
 class Fitter:
@@ -601,9 +342,6 @@ class Fitter:
     def sums(self, raw, batch):
         return _raw_sums(self.spec.energy, self.par, raw, self.anchor, batch)
 
-    def predict(self, raw, batch):
-        return _raw_predict(self.spec.energy, self.par, raw, self.anchor, batch)
-
     def params(self, raw) -> Params:
         """The ``Params`` of raw coordinates (on the host)."""
         host = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), jax.device_get((raw, self.anchor)))
@@ -624,17 +362,6 @@ def _strong(tree):
     """The same arrays without weak types (a weak-typed leaf that becomes strong after one
     update would make jit compile the step a second time)."""
     return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), tree)
-
-
-def least_squares_offsets(model_energies, reference, counts, n_atoms) -> np.ndarray:
-    """Per-element offsets b minimising Σ ((E_model + n·b − E_ref)/N)² (minimum-norm solution
-    when the element counts do not determine every offset, e.g. always-stoichiometric NaCl)."""
-    a = np.asarray(counts, float) / np.asarray(n_atoms, float)[:, None]
-    y = (np.asarray(reference, float) - np.asarray(model_energies, float)) / np.asarray(n_atoms, float)
-    if len(y) == 0:
-        return np.zeros(a.shape[1])
-    b, *_ = np.linalg.lstsq(a, y, rcond=None)
-    return b
 
 
 def _initial_offsets(fitter: Fitter, raw, batcher: Batcher) -> np.ndarray:

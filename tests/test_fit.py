@@ -75,7 +75,6 @@ def perturbed(params, factors):
         for key, f in keys.items():
             d["elements"][el][key] *= f
     for pair, coeffs in factors.get("pairs", {}).items():
-        form = next(iter(d["pairs"][pair]))
         for c, f in coeffs.items():
             d["pairs"][pair]["born_mayer"][c] *= f
     return qu.Params.from_dict(d)
