@@ -81,7 +81,8 @@ def test_unknown_source_lists_builtin_sets():
 def test_params_are_a_differentiable_pytree():
     p = qu.load_params("demo-nacl-water")
     leaves = jax.tree_util.tree_leaves(p)
-    assert len(leaves) == 5 + 6  # chi, hardness, sigma, gamma, radius + 3 born_mayer pairs x (A, rho)
+    n_pair_coefficients = sum(len(c) for forms in p.pairs.values() for c in forms.values())
+    assert len(leaves) == 5 + n_pair_coefficients  # chi, hardness, sigma, gamma, radius + pair terms
     system = qu.make_system([[0, 0, 0], [0, 0, 2.4]], p.species_indices(["Na", "Cl"]))
     energy = qu.qeq_energy("gaussian", qu.Exact(), "implicit")
     grads = jax.grad(lambda p: energy(p, system)[0])(p)
