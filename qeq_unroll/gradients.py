@@ -22,6 +22,11 @@ from .constraints import fragment_means, fragment_sums
 from .errors import QEqInputError
 
 
+def _forward(solver):
+    """The solver's run for use without differentiating through its iterations."""
+    return getattr(solver, "run_forward", solver.run)
+
+
 @dataclasses.dataclass(frozen=True)
 class Unrolled:
     name: str = "unrolled"
@@ -35,7 +40,7 @@ class Envelope:
     name: str = "envelope"
 
     def charges(self, solver, problem):
-        q, diagnostics = solver.run(problem)
+        q, diagnostics = _forward(solver)(jax.lax.stop_gradient(problem))
         return jax.lax.stop_gradient(q), diagnostics
 
 
@@ -55,7 +60,7 @@ class Implicit:
 
         def solve(_, b):
             b_q, b_lam = b[:n], b[n:]
-            q, diagnostics = solver.run(problem._replace(chi=-b_q, targets=-b_lam))
+            q, diagnostics = _forward(solver)(problem._replace(chi=-b_q, targets=-b_lam))
             lam = fragment_means(h.matvec(q) - b_q, frags, n_f)
             return jnp.concatenate([q, lam]), diagnostics
 

@@ -37,7 +37,7 @@ class Hardness(NamedTuple):
         if self.matrix is not None:
             out = self.matrix @ q
         else:
-            out = self.base * q + jnp.sum(self.values * q[self.neighbors], axis=1)
+            out = self.base * q + symmetric_list_matvec(self.values, self.neighbors, q)
         if self.lowrank is not None:
             out = out + self.lowrank @ (self.lowrank.T @ q)
         if self.uniform is not None:
@@ -52,12 +52,36 @@ class Hardness(NamedTuple):
             n = self.base.shape[0]
             rows = jnp.broadcast_to(jnp.arange(n)[:, None], self.neighbors.shape)
             h = jnp.zeros((n, n), self.base.dtype).at[rows, self.neighbors].add(self.values)
-            h = h + jnp.diag(self.base)
+            h = 0.5 * (h + h.T) + jnp.diag(self.base)  # symmetric in value, and in its cotangent
         if self.lowrank is not None:
             h = h + self.lowrank @ self.lowrank.T
         if self.uniform is not None:
             h = h + self.uniform * jnp.outer(self.real, self.real)
         return h
+
+
+@jax.custom_vjp
+def symmetric_list_matvec(values, neighbors, q):
+    """y_i = Σ_m values_im q_{neighbors_im} for a *symmetric* neighbour list (every pair stored in
+    both directions with equal values, as ``neighbors.NeighborList`` builds it). Its transpose is
+    itself, so the derivative with respect to q is one more gather (no scatter); the derivative
+    with respect to the values is split evenly between a pair's two slots,
+    ½(ȳ_i q_j + q_i ȳ_j), the derivative along symmetric changes of H (the only ones there are),
+    which keeps the cotangents of a pair's two distances equal (see ``geometry.list_pairs``)."""
+    return jnp.sum(values * q[neighbors], axis=1)
+
+
+def _matvec_fwd(values, neighbors, q):
+    return symmetric_list_matvec(values, neighbors, q), (values, neighbors, q)
+
+
+def _matvec_bwd(res, ybar):
+    values, neighbors, q = res
+    vbar = 0.5 * (ybar[:, None] * q[neighbors] + q[:, None] * ybar[neighbors])
+    return vbar, None, symmetric_list_matvec(values, neighbors, ybar)
+
+
+symmetric_list_matvec.defvjp(_matvec_fwd, _matvec_bwd)
 
 
 def dense_hardness(kernel, params, system, r, pair_mask, coulomb_constant) -> Hardness:

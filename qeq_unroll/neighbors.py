@@ -61,35 +61,39 @@ def image_list(system, cutoff) -> ImageList:
 
 @dataclasses.dataclass(frozen=True)
 class NeighborList:
-    """idx (N, M): neighbours of each atom as indices into the replicated system (atom j of
-    replica ρ is ρ N + j; ``sentinel`` = N R marks an empty slot). ``inner``: the jax-md list of the
-    replicated system. ``to_fractional`` (3, 3): inverse of the search frame; ``origin`` (3,) Å;
-    ``replicas`` (R, 3) integer offsets of the replicas in cell vectors; ``reference_cell`` the
-    cell at allocation; ``overflow``: True when the list cannot be trusted (see module doc).
-    ``slab_limit`` (3,): largest allowed fractional coordinate along non-periodic directions.
+    """A neighbour list in the layout the energy uses, plus what updating it needs.
+
+    ``partner`` (N, M): neighbour atom of each slot (``n_atoms`` marks an empty slot);
+    ``shifts`` (N, M, 3) int8: the lattice translation n of the slot, so that the pair vector is
+    x_partner − x_i + n A. The list is *symmetric*: every pair within the cutoff is stored from
+    both of its atoms (with opposite shifts), which the derivatives in ``geometry`` and
+    ``hardness`` use to gather instead of scatter. ``reference_positions`` (N, 3) Å: positions at
+    the last build. ``inner``: the
+    jax-md list of the replicated system (atom j of replica ρ is ρ N + j). ``to_fractional``
+    (3, 3), ``origin`` (3,) Å: the search frame; ``replicas`` (R, 3) integer replica offsets;
+    ``reference_cell``: the cell at allocation; ``slab_limit`` (3,): largest fractional coordinate
+    allowed along non-periodic directions; ``overflow``: True when the list cannot be trusted.
     Static: ``cutoff``, ``skin`` (Å), ``replicate`` (R_a, R_b, R_c), ``n_atoms``."""
 
-    idx: jax.Array
+    partner: jax.Array
+    shifts: jax.Array
+    reference_positions: jax.Array
     inner: object
     to_fractional: jax.Array
     origin: jax.Array
     replicas: jax.Array
     reference_cell: jax.Array
     overflow: jax.Array
+    slab_limit: jax.Array
     cutoff: float = 0.0
     skin: float = DEFAULT_SKIN
-    slab_limit: jax.Array | None = None
     replicate: tuple = (1, 1, 1)
     n_atoms: int = 0
 
     @property
-    def sentinel(self) -> int:
-        return self.n_atoms * int(np.prod(self.replicate))
-
-    @property
     def capacity(self) -> int:
         """Neighbour slots per atom (M)."""
-        return self.idx.shape[1]
+        return self.partner.shape[1]
 
     def update(self, system) -> "NeighborList":
         return update_neighbors(self, system)
@@ -97,9 +101,12 @@ class NeighborList:
 
 jax.tree_util.register_dataclass(
     NeighborList,
-    data_fields=["idx", "inner", "to_fractional", "origin", "replicas", "reference_cell", "overflow", "slab_limit"],
+    data_fields=[
+        "partner", "shifts", "reference_positions", "inner", "to_fractional", "origin",
+        "replicas", "reference_cell", "overflow", "slab_limit",
+    ],
     meta_fields=["cutoff", "skin", "replicate", "n_atoms"],
-)
+)  # fmt: skip
 
 
 def _check_cutoff(cutoff):
@@ -182,22 +189,48 @@ def neighbor_list(system, cutoff, skin=DEFAULT_SKIN, capacity_multiplier=1.25) -
         warnings.simplefilter("ignore", FutureWarning)
         inner = fn.allocate(frac)
     n = system.positions.shape[0]
+    m = inner.idx.shape[1]
     reference_cell = system.cell if system.periodic else jnp.eye(3, dtype=dtype)
     nbrs = NeighborList(
-        idx=inner.idx[:n],
+        partner=jnp.full((n, m), n, jnp.int32),
+        shifts=jnp.zeros((n, m, 3), jnp.int8),
+        reference_positions=system.positions,
         inner=inner,
         to_fractional=to_fractional,
         origin=origin,
         replicas=replicas,
         reference_cell=reference_cell,
         overflow=jnp.asarray(False),
+        slab_limit=jnp.asarray(slab_limit, dtype=dtype),
         cutoff=cutoff,
         skin=float(skin),
         replicate=replicate,
         n_atoms=n,
-        slab_limit=jnp.asarray(slab_limit, dtype=dtype),
     )
+    nbrs = jax.jit(_derive)(nbrs, system, inner)
     return dataclasses.replace(nbrs, overflow=_flags(nbrs, system, inner))
+
+
+def _derive(nbrs, system, inner):
+    """Partner atoms and lattice shifts from the jax-md list ``inner`` (jittable)."""
+    n = nbrs.n_atoms
+    sentinel = n * nbrs.replicas.shape[0]
+    idx = inner.idx[:n]
+    valid = idx < sentinel
+    partner = jnp.where(valid, idx % n, n).astype(jnp.int32)
+    safe = jnp.where(valid, partner, 0)
+    rho = jnp.where(valid, idx // n, 0)
+    x = system.positions
+    cell = system.cell if system.periodic else jnp.eye(3, dtype=x.dtype)
+    reps = jnp.asarray(nbrs.replicate, x.dtype)
+    pbc = jnp.asarray(system.pbc, x.dtype)
+    inv = jnp.linalg.inv(frame(reps[:, None] * cell, system.pbc))
+    m = [nbrs.replicas[:, a][rho] for a in range(3)]  # replica offsets in cell vectors
+    d0 = [x[:, k][safe] - x[:, k][:, None] + sum(m[a] * cell[a, k] for a in range(3)) for k in range(3)]
+    image = [jnp.round(sum(d0[a] * inv[a, k] for a in range(3))) * pbc[k] for k in range(3)]
+    shifts = jnp.stack([jnp.where(valid, m[a] - reps[a] * image[a], 0.0) for a in range(3)], axis=-1)
+    shifts = shifts.astype(jnp.int8)
+    return dataclasses.replace(nbrs, partner=partner, shifts=shifts, reference_positions=x, inner=inner)
 
 
 def _flags(nbrs, system, inner):
@@ -215,16 +248,25 @@ def _flags(nbrs, system, inner):
 
 
 def update_neighbors(nbrs: NeighborList, system) -> NeighborList:
-    """The list for the current positions (jittable, fixed capacity): rebuilt when an atom moved
-    more than skin/2 since the last build, else unchanged. Check ``.overflow`` before trusting it."""
-    cell = system.cell if system.periodic else None
-    frac = _fractional(system.positions, cell, nbrs.replicas, nbrs.to_fractional, nbrs.origin)
-    with warnings.catch_warnings():  # jax-md mixes int32/int64 index dtypes under x64
-        warnings.simplefilter("ignore", FutureWarning)
-        inner = nbrs.inner.update(frac)
-    n = nbrs.n_atoms
-    new = dataclasses.replace(nbrs, idx=inner.idx[:n], inner=inner)
-    return dataclasses.replace(new, overflow=nbrs.overflow | _flags(new, system, inner))
+    """The list for the current positions (jittable, fixed capacity): rebuilt when a real atom
+    moved more than skin/2 (Cartesian, so a wrapped atom counts as moved) since the last build,
+    else unchanged. Check ``.overflow`` before trusting it."""
+    x = system.positions
+    moved = jnp.sum((x - nbrs.reference_positions) ** 2, axis=1)
+    need = jnp.any(system.mask & (moved > (0.5 * nbrs.skin) ** 2))
+
+    def rebuild(nbrs):
+        cell = system.cell if system.periodic else None
+        frac = _fractional(x, cell, nbrs.replicas, nbrs.to_fractional, nbrs.origin)
+        # jax-md rebuilds when its reference is far away: move it by half a cell
+        inner = dataclasses.replace(nbrs.inner, reference_position=jnp.mod(frac + 0.5, 1.0))
+        with warnings.catch_warnings():  # jax-md mixes int32/int64 index dtypes under x64
+            warnings.simplefilter("ignore", FutureWarning)
+            inner = inner.update(frac)
+        return _derive(nbrs, system, inner)
+
+    new = jax.lax.cond(need, rebuild, lambda nbrs: nbrs, nbrs)
+    return dataclasses.replace(new, overflow=nbrs.overflow | _flags(new, system, new.inner))
 
 
 

@@ -186,6 +186,27 @@ class _Iterative:
 
         return lax.while_loop(cond, body, (state, res0, jnp.asarray(0, jnp.int32)))[2]
 
+    def run_forward(self, problem):
+        """``run`` for callers that never differentiate through the iterations (the implicit and
+        envelope gradient modes): the same iterations in one ``lax.while_loop`` that stops at
+        ``tol`` or after ``iterations`` (``max_iterations``), with no second, differentiable pass."""
+        threshold = self._threshold(problem.chi.dtype)
+        pre = self.preconditioner.setup(problem)
+        state, res0 = self.init(problem, pre)
+
+        def cond(carry):
+            _, res, k, _ = carry
+            return (k < self.n_steps) & (res > threshold)
+
+        def body(carry):
+            state, _, k, pd = carry
+            state, res, pd_k = self.step(problem, pre, state, k)
+            return state, res, k + 1, pd & pd_k
+
+        carry0 = (state, res0, jnp.asarray(0, jnp.int32), jnp.asarray(True))
+        state, res, used, pd = lax.while_loop(cond, body, carry0)
+        return state[0], Diagnostics(res, used, res <= self.tol, pd)
+
     def run(self, problem):
         """Charges and diagnostics. Fixed K: one scan of K steps. To tolerance: the iterations
         needed are counted first, then the differentiable scan runs with the shortest of a few

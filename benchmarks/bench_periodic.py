@@ -1,0 +1,257 @@
+"""Periodic benchmark: qeq-unroll against LAMMPS ``fix qeq/reaxff`` on rattled rock-salt NaCl.
+
+For N = 512, 4096, 32768 atoms (4³, 8³, 16³ conventional rock-salt cells, a = 5.64 Å, rattled by
+0.1 Å; the reaxff kernel with r_c = 10 Å, k_e = 14.4 eV·Å, χ/J/γ of Na and Cl as in
+``tests/test_periodic.py``), everything on one CPU thread (the process is pinned to one core and
+XLA runs single-threaded), in one run:
+
+- LAMMPS (its Python module, serial): ``fix qeq/reaxff 1 0.0 10.0 1e-6`` from a cold start (a new
+  fix, zero charge history, zero charges). Time per solve = median wall time of ``run 0`` with the
+  fix minus that of ``run 0`` without it (neighbour lists, setup); its iterations are the fix's
+  scalar (mean CG iterations of its two solves).
+- A tight reference: qeq-unroll CG to a relative residual of 1e-12; both codes' charge errors
+  are max |q − q_ref|.
+- qeq-unroll: one jitted call of energy + forces + charges (``energy_and_forces``, matrix-free
+  over a jax-md neighbour list, skin 1 Å, built beforehand as in MD; CG with implicit forces) at the
+  loosest CG tolerance of a fixed ladder whose charge error is no larger than LAMMPS's. Median of
+  repeats after JIT warm-up. The neighbour list is built once per structure (reported apart: in MD
+  it is reused and rebuilt only when atoms move more than skin/2).
+
+Reported per N: the time ratio (ours / LAMMPS per solve), iterations of each, charge errors, peak
+memory per atom of our compiled evaluation (XLA buffer sizes: arguments + outputs + scratch) and
+of the stored neighbour list, and the time-vs-N exponents (least squares in log-log). Absolute
+times are printed, but the table keeps ratios. Writes its section of ``benchmarks/RESULTS.md``
+between ``<!-- bench_periodic:start -->`` and ``<!-- bench_periodic:end -->``.
+
+    python benchmarks/bench_periodic.py [--sizes 512,4096,32768] [--repeats 3] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# one thread: set before JAX starts
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import qeq_unroll as qu  # noqa: E402
+from lammps_helpers import _fix_scalar, import_lammps  # noqa: E402
+from qeq_unroll.lammps_io import write_lammps_qeq  # noqa: E402
+from results import RESULTS, write_section  # noqa: E402
+
+CUTOFF = 10.0
+KE = qu.LAMMPS_COULOMB_CONSTANT
+LAMMPS_TOL = 1e-6
+TOLERANCES = [1e-4, 3e-5, 1e-5, 5e-6, 2e-6, 1e-6, 5e-7, 2e-7, 1e-7, 5e-8]
+PARAMS = qu.Params.from_dict(
+    {
+        "name": "bench-periodic",
+        "elements": {
+            "Na": {"chi": 2.84, "hardness": 9.0, "gamma": 0.60},
+            "Cl": {"chi": 8.56, "hardness": 12.0, "gamma": 0.65},
+        },
+    }
+)
+
+
+def rock_salt(reps, a=5.64, rattle=0.1, seed=0):
+    basis = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0], [.5, 0, 0], [0, .5, 0], [0, 0, .5], [.5, .5, .5]])
+    kinds = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    grid = np.stack(np.meshgrid(*[np.arange(reps)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    frac = (grid[:, None, :] + basis[None]).reshape(-1, 3) / reps
+    cell = np.eye(3) * a * reps
+    pos = frac @ cell + np.random.default_rng(seed).normal(0.0, rattle, (len(frac), 3))
+    return pos, np.tile(kinds, len(grid)), cell
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+class Lammps:
+    """One serial LAMMPS instance holding the structure; ``solve()`` times one cold fix qeq/reaxff
+    solve (``run 0`` with a new fix), ``baseline()`` one ``run 0`` without it."""
+
+    def __init__(self, pos, kinds, cell, workdir):
+        lammps, reason = import_lammps()
+        if lammps is None:
+            raise SystemExit(reason)
+        self.lammps = lammps
+        self.param_file = os.path.join(workdir, "param.qeq")
+        write_lammps_qeq(PARAMS, self.param_file, ["Na", "Cl"], style="reaxff")
+        self.lmp = lmp = lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
+        length = float(cell[0, 0])
+        for line in ("units metal", "atom_style charge", "boundary p p p",
+                     f"region box prism 0 {length!r} 0 {length!r} 0 {length!r} 0 0 0", "create_box 2 box",
+                     "mass 1 22.99", "mass 2 35.45"):
+            lmp.command(line)
+        frac = pos @ np.linalg.inv(cell)
+        wrapped = (frac - np.floor(frac)) @ cell
+        self.n = n = len(pos)
+        lmp.create_atoms(n, list(range(1, n + 1)), (kinds + 1).tolist(), wrapped.ravel().tolist())
+        for line in ("set group all charge 0.0", f"pair_style zero {CUTOFF!r}", "pair_coeff * *", "neighbor 1.0 bin"):
+            lmp.command(line)
+        lmp.command("run 0")
+        self.iterations, self.charges = None, None
+
+    def baseline(self):
+        start = time.perf_counter()
+        self.lmp.command("run 0")
+        return time.perf_counter() - start
+
+    def solve(self):
+        lmp = self.lmp
+        lmp.command(f"fix qeq all qeq/reaxff 1 0.0 {CUTOFF!r} {LAMMPS_TOL!r} {self.param_file} maxiter 1000")
+        lmp.command("set group all charge 0.0")
+        start = time.perf_counter()
+        lmp.command("run 0")
+        elapsed = time.perf_counter() - start
+        self.iterations = _fix_scalar(self.lammps, lmp, "qeq")
+        q = np.array(lmp.numpy.extract_atom("q"), dtype=np.float64)[: self.n]
+        ids = np.array(lmp.numpy.extract_atom("id"), dtype=np.int64)[: self.n]
+        self.charges = np.empty(self.n)
+        self.charges[ids - 1] = q
+        lmp.command("unfix qeq")
+        return elapsed
+
+    def close(self):
+        self.lmp.close()
+
+
+def nbytes(tree):
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype"))
+
+
+def ours(pos, kinds, cell, q_lammps):
+    """Our side for one structure: list (timed), tight reference, LAMMPS's error, the loosest
+    tolerance that matches it; returns the results and the compiled evaluation to time."""
+    system = qu.make_system(pos, kinds, cell=cell, pbc=True)
+    kernel = qu.ReaxFF(cutoff=CUTOFF)
+    start = time.perf_counter()
+    nbrs = qu.qeq_energy(kernel).neighbors(system, layout="list", skin=1.0, capacity_multiplier=1.1)
+    jax.block_until_ready(nbrs)
+    t_list = time.perf_counter() - start
+    tight = qu.qeq_energy(kernel, qu.CG(tol=1e-12, max_iterations=2000), "implicit", coulomb_constant=KE)
+    _, aux = jax.jit(tight)(PARAMS, system, nbrs)
+    q_ref = np.asarray(aux["charges"])
+    err_lammps = float(np.abs(q_lammps - q_ref).max())
+    for tol in TOLERANCES:
+        energy = qu.qeq_energy(kernel, qu.CG(tol=tol, max_iterations=2000), "implicit", coulomb_constant=KE)
+        _, aux = jax.jit(energy)(PARAMS, system, nbrs)
+        err = float(np.abs(np.asarray(aux["charges"]) - q_ref).max())
+        if err <= err_lammps:
+            break
+    else:
+        raise SystemExit(f"no CG tolerance down to {TOLERANCES[-1]} reaches the LAMMPS error {err_lammps:.2e}")
+    evaluate = jax.jit(qu.energy_and_forces(energy))
+    out = jax.block_until_ready(evaluate(PARAMS, system, nbrs))
+    memory = evaluate.lower(PARAMS, system, nbrs).compile().memory_analysis()
+    peak = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+    result = dict(tol=tol, err=err, err_lammps=err_lammps, iterations=int(out[2]["iterations"]), peak=peak,
+                  list_bytes=nbytes(nbrs.pairs), t_list=t_list, slots=nbrs.pairs.capacity)
+    return result, lambda: jax.block_until_ready(evaluate(PARAMS, system, nbrs))
+
+
+def exponent(ns, ts):
+    return float(np.polyfit(np.log(ns), np.log(ts), 1)[0])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="512,4096,32768", help="atom counts (8 reps³)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true", help=f"print only; do not update {RESULTS.name}")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows, ns, t_ours, t_lammps = [], [], [], []
+    wall = time.perf_counter()
+    for n in sizes:
+        reps = round((n / 8) ** (1 / 3))
+        if 8 * reps**3 != n:
+            raise SystemExit(f"N = {n} is not 8 reps³")
+        pos, kinds, cell = rock_salt(reps)
+        with tempfile.TemporaryDirectory() as tmp:
+            lmp = Lammps(pos, kinds, cell, tmp)
+            try:
+                lmp.solve()
+                res, evaluate = ours(pos, kinds, cell, lmp.charges)
+                # interleaved repeats: ours, LAMMPS with the fix, LAMMPS without
+                t_o, t_fix, t_base = [], [], []
+                for _ in range(args.repeats):
+                    t_o.append(median_time(evaluate, 1))
+                    t_fix.append(lmp.solve())
+                    t_base.append(lmp.baseline())
+                it_l = lmp.iterations
+            finally:
+                lmp.close()
+        res["t"] = float(np.median(t_o))
+        t_l = float(np.median(t_fix)) - float(np.median(t_base))
+        err_l = res["err_lammps"]
+        print(f"N={n}: LAMMPS {t_l * 1e3:.1f} ms/solve ({it_l:g} it., error {err_l:.1e} e); ours {res['t'] * 1e3:.1f} ms "
+              f"E+F+q (cg tol {res['tol']:g}, {res['iterations']} it., error {res['err']:.1e} e); ratio {res['t'] / t_l:.2f}; "
+              f"list {res['t_list']:.1f} s, {res['slots']} slots/atom", flush=True)
+        rows.append((n, t_l, it_l, err_l, res))
+        ns.append(n)
+        t_ours.append(res["t"])
+        t_lammps.append(t_l)
+    wall = time.perf_counter() - wall
+    text = table(rows, ns, t_ours, t_lammps, wall)
+    print("\n" + text)
+    if not args.no_write:
+        write_section("bench_periodic", text)
+        print(f"\nwritten to {RESULTS}")
+
+
+def table(rows, ns, t_ours, t_lammps, wall):
+    lines = [
+        "## bench_periodic: periodic QEq against LAMMPS fix qeq/reaxff",
+        "",
+        f"`python benchmarks/bench_periodic.py` (jax {jax.__version__}, {platform.machine()} CPU, one thread for both codes; "
+        f"whole run {wall / 60:.1f} min). Rattled rock-salt NaCl (a = 5.64 Å, 0.1 Å rattle), reaxff kernel, "
+        "r_c = 10 Å, k_e = 14.4. LAMMPS: `fix qeq/reaxff` tol 1e-6, cold start, time per solve = `run 0` with the "
+        "fix minus without. Ours: one jitted energy + forces + charges call over a prebuilt jax-md neighbour list "
+        "(skin 1 Å), CG with implicit forces at the loosest tolerance whose charge error is at most LAMMPS's. "
+        "Charge errors are max |q − q_ref| against a CG solve to 1e-12. Memory: XLA buffers of our compiled "
+        "evaluation and the stored neighbour list, per atom. Medians of repeats after JIT warm-up.",
+        "",
+        "| N | time ours / LAMMPS | iterations ours / LAMMPS | charge error ours / LAMMPS (e) | our tol | peak memory / atom (evaluation + list) | list build (s, once) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, t_l, it_l, err_l, r in rows:
+        lines.append(
+            f"| {n} | {r['t'] / t_l:.2f} | {r['iterations']} / {it_l:g} (x2 solves) | {r['err']:.1e} / {err_l:.1e} | "
+            f"{r['tol']:g} | {r['peak'] / n / 1e3:.1f} kB + {r['list_bytes'] / n / 1e3:.1f} kB | {r['t_list']:.1f} |"
+        )
+    if len(ns) > 1:
+        lines += [
+            "",
+            f"Time-vs-N exponent (least squares over N = {', '.join(map(str, ns))}): ours {exponent(ns, t_ours):.2f}, "
+            f"LAMMPS {exponent(ns, t_lammps):.2f}.",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
