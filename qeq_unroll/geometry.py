@@ -125,12 +125,11 @@ def _list_distances_fwd(x, cell, j, shifts, valid, cutoff):
 
 def _list_distances_bwd(cutoff, res, cotangents):
     d, r, mask, shifts = res
-    g = jnp.where(mask, cotangents[0], 0.0)
-    unit = [dk / r for dk in d]
+    w = jnp.where(mask, cotangents[0], 0.0) / r  # ḡ / r, so that ḡ r̂ = w d
     # slot (i, m) moves r_im by −r̂ per unit of x_i; its mirror (j → i) by the same amount
-    xbar = jnp.stack([-2.0 * jnp.sum(g * u, axis=1) for u in unit], axis=1)
-    n = [shifts[..., a].astype(g.dtype) for a in range(3)]
-    cellbar = jnp.stack([jnp.stack([jnp.sum(g * unit[k] * n[a]) for k in range(3)]) for a in range(3)])
+    xbar = jnp.stack([-2.0 * jnp.sum(w * dk, axis=1) for dk in d], axis=1)
+    n = [shifts[..., a].astype(w.dtype) for a in range(3)]
+    cellbar = jnp.stack([jnp.stack([jnp.sum(w * d[k] * n[a]) for k in range(3)]) for a in range(3)])
     return xbar, cellbar, None, None, None
 
 

@@ -68,7 +68,31 @@ def symmetric_list_matvec(values, neighbors, q):
     with respect to the values is split evenly between a pair's two slots,
     ½(ȳ_i q_j + q_i ȳ_j), the derivative along symmetric changes of H (the only ones there are),
     which keeps the cotangents of a pair's two distances equal (see ``geometry.list_pairs``)."""
-    return jnp.sum(values * q[neighbors], axis=1)
+    return _rows_times(values, neighbors, q)
+
+
+#: Rows per block of the list matvec: keeps each block's gathered values in cache (on CPU a whole
+#: (N, M) gather spills to memory once N M is large).
+ROW_BLOCK = 128
+
+
+def row_blocks(arrays, block=ROW_BLOCK):
+    """Arrays with leading dimension N as (B, block, ...) blocks, padded with zeros: (blocks, N)."""
+    n = arrays[0].shape[0]
+    pad = (-n) % block
+    out = []
+    for a in arrays:
+        if pad:
+            a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
+        out.append(a.reshape((-1, block) + a.shape[1:]))
+    return tuple(out), n
+
+
+def _rows_times(values, neighbors, q):
+    if values.shape[0] <= 4 * ROW_BLOCK:
+        return jnp.sum(values * q[neighbors], axis=1)
+    blocks, n = row_blocks((values, neighbors))
+    return jax.lax.map(lambda b: jnp.sum(b[0] * q[b[1]], axis=1), blocks).reshape(-1)[:n]
 
 
 def _matvec_fwd(values, neighbors, q):

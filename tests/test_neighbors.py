@@ -139,3 +139,21 @@ def test_calculator_reallocates_on_overflow():
     species = PARAMS.species_indices(atoms.get_chemical_symbols())
     _, f0, _, _ = fresh(system_of(atoms.positions, species, np.asarray(atoms.cell[:])))
     np.testing.assert_allclose(forces, f0, atol=1e-10)
+
+
+def test_blocked_matvec_equals_plain(monkeypatch):
+    """Large lists run the matvec in row blocks (cache-sized, padded at the end): the same
+    energy, forces and stress as one plain pass, here with N = 1000 (not a multiple of the block)."""
+    from qeq_unroll import hardness
+
+    pos, kinds, cell = rock_salt(5, rattle=0.05, seed=6)
+    system = system_of(pos, kinds, cell)
+    energy = qu.qeq_energy(qu.ReaxFF(cutoff=5.0), qu.CG(iterations=5), "unrolled")
+    nbrs = energy.neighbors(system, layout="list")
+    assert len(pos) > 4 * hardness.ROW_BLOCK and len(pos) % hardness.ROW_BLOCK
+    blocked = jax.jit(qu.energy_forces_stress(energy))(PARAMS, system, nbrs)
+    monkeypatch.setattr(hardness, "ROW_BLOCK", 10**9)
+    plain = jax.jit(qu.energy_forces_stress(energy))(PARAMS, system, nbrs)
+    assert abs(float(blocked[0] - plain[0])) < 1e-9
+    np.testing.assert_allclose(blocked[1], plain[1], atol=1e-10)
+    np.testing.assert_allclose(blocked[2], plain[2], atol=1e-12)
