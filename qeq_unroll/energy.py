@@ -55,6 +55,11 @@ def assemble(kernel, params, system, coulomb_constant=COULOMB_CONSTANT, neighbor
     source, reciprocal = _unpack(neighbors)
     chi = electronegativity(params, system)
     targets = system.fragment_charges
+    if not system.periodic and getattr(kernel, "ewald", False) and kernel.cutoff is not None:
+        raise QEqInputError(
+            f"the gaussian kernel's cutoff ({kernel.cutoff} Å) is the Ewald real-space cutoff of periodic cells; "
+            "a free-space system sums all pairs and cannot honour it: use cutoff=None"
+        )
     if source is None:
         if system.periodic:
             raise QEqInputError(

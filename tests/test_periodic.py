@@ -133,8 +133,8 @@ def lammps_available():
 def test_layouts_agree_on_forces_and_stress():
     """Image list and neighbour list: same energy, forces and stress (reaxff, replicated cell)."""
     pos, kinds, cell = triclinic(n=3, rattle=0.15, seed=7)
-    system = system_of(pos[:26], kinds[:26], cell)
-    energy = qu.qeq_energy(qu.ReaxFF(cutoff=7.0), qu.CG(iterations=3), "unrolled")
+    system = system_of(pos[:26], kinds[:26], cell)  # heights ~10 Å < 2 (r_c + skin): replicated
+    energy = qu.qeq_energy(qu.ReaxFF(cutoff=6.0), qu.CG(iterations=3), "unrolled")
     f = jax.jit(energy_forces_stress(energy))
     out = [f(PARAMS, system, energy.neighbors(system, layout=layout)) for layout in ("images", "list")]
     assert abs(float(out[0][0] - out[1][0])) < 1e-10
@@ -328,6 +328,7 @@ def test_calculator_periodic_matches_core_and_reuses_neighbours():
         (np.eye(3) * 11.0, True, dict(kernel="point", cutoff=None), r"kernel 'point' in a periodic cell needs a cutoff"),
         (np.eye(3) * 11.0, True, dict(kernel="gaussian", cutoff=4.0), r"Ewald accuracy 1e-08 cannot be reached with a real-space cutoff of 4.0"),
         (np.eye(3) * 11.0, True, dict(kernel="reaxff", total_charge=1.0), r"charged periodic cell \(total charge 1 e\) with kernel 'reaxff'"),
+        (np.zeros((3, 3)), False, dict(kernel="gaussian", cutoff=6.0), r"free-space system sums all pairs and cannot honour it"),
     ],
 )
 def test_calculator_bad_periodic_input(cell, pbc, kwargs, message):
