@@ -46,6 +46,14 @@ def diagonal_start(chi, diagonal, fragments, targets):
     return project(-chi, w, fragments, n_f) + share
 
 
+def feasible(q, fragments, targets):
+    """The point of the constraint plane nearest to ``q`` (Euclidean): each fragment's excess
+    spread evenly over its atoms; 0 on padding."""
+    n_f = targets.shape[0]
+    excess = (fragment_sums(q, fragments, n_f) - targets) / fragment_sums(jnp.ones_like(q), fragments, n_f)
+    return jnp.where(fragments >= 0, q - _per_atom(excess, fragments), 0.0)
+
+
 def indicator(fragments, n_fragments, dtype):
     """The (N, F) 0/1 matrix C with Cᵀq = fragment sums of q."""
     return (fragments[:, None] == jnp.arange(n_fragments)[None, :]).astype(dtype)

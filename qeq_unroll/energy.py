@@ -1,7 +1,7 @@
 """The energy function E(R) = E_short(R) + E_QEq(q(R), R): the one place the model is assembled.
 
-``qeq_energy(kernel, solver, gradient)`` returns ``energy(params, system, neighbors=None) -> (E, aux)``
-(jax-md style factory). E in eV; ``aux`` holds the charges (e), the solver diagnostics and the
+``qeq_energy(kernel, solver, gradient)`` returns ``energy(params, system, neighbors=None,
+guess=None) -> (E, aux)`` (jax-md style factory). E in eV; ``aux`` holds the charges (e), the solver diagnostics and the
 geometry checks. The calculator, the fitter and MD drivers all call this function; forces and
 stress come from ``jax.grad`` of it, so they are the exact derivative of the energy reported.
 
@@ -111,7 +111,7 @@ def _check_solver(solver, system, neighbors):
 
 
 def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_constant=COULOMB_CONSTANT):
-    """Build ``energy(params, system, neighbors=None) -> (E, aux)``.
+    """Build ``energy(params, system, neighbors=None, guess=None) -> (E, aux)``.
 
     kernel, solver, gradient: strategy objects or names (see ``kernels``, ``solvers``,
     ``gradients``). coulomb_constant: k_e in eV·Å/e² (LAMMPS uses 14.4).
@@ -119,6 +119,10 @@ def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_cons
     aux: ``charges`` (N,) e, ``e_qeq`` and ``e_short`` eV, ``residual``, ``iterations``,
     ``converged``, ``positive_definite`` (solver diagnostics), ``min_distance`` Å,
     ``neighbors_overflow`` (True: the neighbour list was too small or stale; results invalid).
+
+    guess: optional (N,) starting charges (e) for the iterative solvers (MD history: the previous
+    step's charges, or extended-Lagrangian auxiliary charges). It is a constant for
+    differentiation, so the forces are −∂E/∂R at that fixed guess; the exact solver ignores it.
 
     ``energy.neighbors(system, params=None, **kw)`` builds the ``neighbors`` argument on the host
     (``neighbors.build`` for this kernel); ``energy.update_neighbors(neighbors, system)`` updates
@@ -128,9 +132,11 @@ def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_cons
     solver = get_solver(solver)
     gradient = get_gradient(gradient)
 
-    def energy(params, system, neighbors=None):
+    def energy(params, system, neighbors=None, guess=None):
         _check_solver(solver, system, neighbors)
         problem, pairs, e_const = assemble(kernel, params, system, coulomb_constant, neighbors)
+        if guess is not None:
+            problem = problem._replace(guess=guess)
         q, diagnostics = gradient.charges(solver, problem)
         e_qeq = jnp.vdot(problem.chi, q) + 0.5 * jnp.vdot(q, problem.hardness.matvec(q)) + e_const
         e_short = pair_energy(params, system.species, pairs.r, pairs.mask, pairs.neighbors)
@@ -147,6 +153,7 @@ def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_cons
         return e_qeq + e_short, aux
 
     energy.kernel, energy.solver, energy.gradient = kernel, solver, gradient
+    energy.coulomb_constant = coulomb_constant
     energy.neighbors = lambda system, params=None, **kw: build(kernel, system, params, **kw)
     energy.update_neighbors = lambda neighbors, system: _update(neighbors, system)
     return energy

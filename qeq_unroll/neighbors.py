@@ -283,6 +283,11 @@ class Neighbors:
     def overflow(self):
         return getattr(self.pairs, "overflow", jnp.asarray(False))
 
+    @property
+    def did_buffer_overflow(self):
+        """``overflow`` under jax-md's name."""
+        return self.overflow
+
     def update(self, system) -> "Neighbors":
         if isinstance(self.pairs, NeighborList):
             return dataclasses.replace(self, pairs=update_neighbors(self.pairs, system))

@@ -27,14 +27,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .constraints import diagonal_start, indicator, project
+from .constraints import diagonal_start, feasible, indicator, project
 from .errors import QEqInputError
 from .hardness import Hardness
 
 
 class Problem(NamedTuple):
     """min_q χᵀq + ½ qᵀHq subject to Σ_{i∈f} q_i = targets[f]. ``species``, ``distances`` (Å)
-    and ``pair_mask`` describe the geometry, for solver parts that are functions of it."""
+    and ``pair_mask`` describe the geometry, for solver parts that are functions of it. ``guess``
+    (N,) e: charges the caller supplies as the starting point of iterative solvers (MD history:
+    the previous step's charges or extended-Lagrangian auxiliary charges), replacing the solver's
+    own start; it is made feasible and treated as a constant (never differentiated)."""
 
     hardness: Hardness
     chi: jax.Array
@@ -43,6 +46,7 @@ class Problem(NamedTuple):
     species: jax.Array | None = None
     distances: jax.Array | None = None
     pair_mask: jax.Array | None = None
+    guess: jax.Array | None = None
 
     @property
     def n_fragments(self) -> int:
@@ -141,6 +145,14 @@ class _Iterative:
         """One iteration: ``(state, residual, positive_definite)``."""
         raise NotImplementedError
 
+    def initial(self, problem):
+        """Starting charges: the caller's ``problem.guess`` made feasible, else the ``start``
+        strategy's."""
+        if problem.guess is None:
+            return self.start(problem)
+        guess = lax.stop_gradient(problem.guess)
+        return feasible(guess, problem.fragments, problem.targets)
+
     def precondition(self, pre, residual, problem):
         return self.preconditioner.apply(pre, residual, problem)
 
@@ -228,7 +240,7 @@ class CG(_Iterative):
     name: str = dataclasses.field(default="cg", init=False)
 
     def init(self, problem, pre):
-        q = self.start(problem)
+        q = self.initial(problem)
         r = tangent(problem.hardness.matvec(q) + problem.chi, problem)
         z = self.precondition(pre, r, problem)
         return (q, r, -z, jnp.vdot(r, z)), relative_residual(r, problem)
@@ -275,7 +287,7 @@ class GD(_Iterative):
     name: str = dataclasses.field(default="gd", init=False)
 
     def init(self, problem, pre):
-        q = self.start(problem)
+        q = self.initial(problem)
         r = tangent(problem.hardness.matvec(q) + problem.chi, problem)
         if self.steps is None:
             scale = jnp.asarray(0.0, q.dtype)
@@ -307,7 +319,7 @@ class NAG(_Iterative):
     name: str = dataclasses.field(default="nag", init=False)
 
     def init(self, problem, pre):
-        q = self.start(problem)
+        q = self.initial(problem)
         hq = problem.hardness.matvec(q)
         r = tangent(hq + problem.chi, problem)
         pc = functools.partial(self.precondition, pre, problem=problem)
