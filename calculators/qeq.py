@@ -106,20 +106,37 @@ class QEqCalculator(Calculator):
         self._neighbors = None
         self._neighbors_key = None
 
+    @property
+    def energy_function(self):
+        """The ``qeq_unroll`` energy function this calculator evaluates (``qeq_energy``)."""
+        return self._energy
+
+    def system(self, atoms, pad=True):
+        """The ``qeq_unroll.System`` of ``atoms`` under this calculator's settings (species checked
+        against the parameter set and kernel; charge constraints and field from ``_conditions``).
+        Free-space systems are padded to their size bucket when ``pad``; periodic ones never."""
+        species = self.qeq_params.species_indices(atoms.get_chemical_symbols())
+        self.qeq_params.require(self.kernel.required, species)
+        conditions = self._conditions(atoms)
+        if atoms.pbc.any():
+            pbc = tuple(bool(b) for b in atoms.pbc)
+            cell = np.asarray(atoms.cell[:], dtype=float)
+            return qeq_unroll.make_system(atoms.positions, species, cell=cell, pbc=pbc, dtype=self._dtype, **conditions)
+        pad_to = qeq_unroll.size_bucket(len(atoms)) if pad else None
+        return qeq_unroll.make_system(atoms.positions, species, pad_to=pad_to, dtype=self._dtype, **conditions)
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         if atoms.pbc.any():
             self._calculate_periodic(atoms, properties)
             return
-        species = self.qeq_params.species_indices(atoms.get_chemical_symbols())
-        self.qeq_params.require(self.kernel.required, species)
-        n = len(atoms)
-        system = qeq_unroll.make_system(
-            atoms.positions, species, pad_to=qeq_unroll.size_bucket(n), dtype=self._dtype, **self._conditions(atoms)
-        )
-        energy, forces, aux = self._evaluate(self.qeq_params, system)
+        energy, forces, aux = self._evaluate(self.qeq_params, self.system(atoms))
         self._check(aux)
+        self._store(atoms, energy, forces, aux)
+
+    def _store(self, atoms, energy, forces, aux):
+        n = len(atoms)
         q = np.asarray(aux["charges"][:n], dtype=float)
         self.results = {
             "energy": float(energy),
@@ -135,12 +152,10 @@ class QEqCalculator(Calculator):
     def _calculate_periodic(self, atoms, properties):
         if self.parameters.solver == "learned":
             raise QEqInputError("the learned solver does not support periodic cells yet: set atoms.pbc = False")
-        species = self.qeq_params.species_indices(atoms.get_chemical_symbols())
-        self.qeq_params.require(self.kernel.required, species)
-        pbc = tuple(bool(b) for b in atoms.pbc)
+        system = self.system(atoms)
+        pbc = system.pbc
         cell = np.asarray(atoms.cell[:], dtype=float)
-        conditions = self._conditions(atoms)
-        system = qeq_unroll.make_system(atoms.positions, species, cell=cell, pbc=pbc, dtype=self._dtype, **conditions)
+        species = np.asarray(system.species)
         total = float(np.sum(np.asarray(system.fragment_charges)))
         singular = abs(np.linalg.det(cell)) < 1e-9 * max(1.0, np.abs(cell).max()) ** 3
         if "stress" in properties and singular:
@@ -164,18 +179,7 @@ class QEqCalculator(Calculator):
             raise QEqInputError("the neighbour list kept overflowing after reallocation")
         self._neighbors = neighbors
         self._check(aux)
-        n = len(atoms)
-        q = np.asarray(aux["charges"][:n], dtype=float)
-        self.results = {
-            "energy": float(energy),
-            "free_energy": float(energy),
-            "forces": np.asarray(forces[:n], dtype=float),
-            "charges": q,
-            "dipole": q @ atoms.positions,
-            "qeq_residual": float(aux["residual"]),
-            "qeq_iterations": int(aux["iterations"]),
-            "qeq_converged": bool(aux["converged"]),
-        }
+        self._store(atoms, energy, forces, aux)
         if not singular:
             s = np.asarray(stress, dtype=float)
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
