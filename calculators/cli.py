@@ -6,6 +6,7 @@ Commands:
     train-solver  train the learned parts of a K-step charge solver (solver="learned").
     fit     fit QEq and pair parameters to reference data (extended XYZ) through the solver.
     plot-fit  draw the learning curves of a fit log to PNG.
+    md      molecular dynamics on the device (jax-md) with frames and a drift report.
 
 The parser is a subcommand layout: a command is a function ``add_<name>(subparsers)`` that adds
 its parser and sets ``func`` (called with the parsed arguments, returns an exit status).
@@ -69,7 +70,13 @@ def add_plot_fit(subparsers) -> None:
     add(subparsers)
 
 
-COMMANDS = (add_demo, add_train_solver, add_fit, add_plot_fit)
+def add_md(subparsers) -> None:
+    from .device_md import add_md as add
+
+    add(subparsers)
+
+
+COMMANDS = (add_demo, add_train_solver, add_fit, add_plot_fit, add_md)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -173,3 +173,28 @@ def water_molecules(n_molecules: int, spacing: float = 3.0, rattle: float = 0.25
         out += _water(site * spacing + rng.normal(0.0, rattle, 3), u, side_dir, oh, hoh)
     out.positions -= out.positions.mean(axis=0)
     return out
+
+
+def rock_salt(reps: int = 2, a: float = 2 * NACL_SPACING, rattle: float = 0.0, seed: int = 0) -> Atoms:
+    """Periodic rock-salt NaCl: ``reps``³ conventional cells (8 atoms each) of lattice constant
+    ``a`` Å, positions displaced by Gaussian noise of ``rattle`` Å (seeded). ``pbc=True``."""
+    site = rocksalt_block((2 * reps,) * 3, spacing=a / 2.0)
+    site.positions -= site.positions.min(axis=0)
+    rng = np.random.default_rng(seed)
+    site.positions += rng.normal(0.0, rattle, site.positions.shape)
+    site.cell = np.eye(3) * a * reps
+    site.pbc = True
+    return site
+
+
+def water_box(n_side: int = 3, spacing: float = 3.1, seed: int = 0, oh: float = WATER_OH, hoh: float = WATER_HOH) -> Atoms:
+    """Periodic liquid-density water: ``n_side``³ waters (O, H, H order), oxygens on a cubic grid of
+    pitch ``spacing`` Å (3.1 Å: about 1 g/cm³) with random orientations (seeded). ``pbc=True``."""
+    rng = np.random.default_rng(seed)
+    out = Atoms(pbc=False)
+    for site in np.indices((n_side,) * 3).reshape(3, -1).T:
+        u, side_dir = rng.normal(size=(2, 3))
+        out += _water((site + 0.5) * spacing, u, side_dir, oh, hoh)
+    out.cell = np.eye(3) * n_side * spacing
+    out.pbc = True
+    return out

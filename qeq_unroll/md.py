@@ -190,7 +190,8 @@ class Settings:
     (:func:`history_nve`, NVE only); xl_order; report_every: steps between records; block:
     records per jitted block; seed; max_energy_change: |E_tot − E_tot(0)| per atom (eV) that
     counts as a blow-up in NVE; min_distance: Å below which atoms count as collided;
-    max_capacity_multiplier: largest neighbour-list capacity factor reallocation may reach."""
+    capacity_multiplier: neighbour-list capacity over the largest count at allocation, grown by
+    1.5× at each overflow up to max_capacity_multiplier."""
 
     steps: int
     dt_fs: float = 1.0
@@ -203,8 +204,9 @@ class Settings:
     report_every: int = 10
     block: int = 10
     seed: int = 0
-    max_energy_change: float = 1.0
+    max_energy_change: float = 0.1
     min_distance: float = 0.4
+    capacity_multiplier: float = 1.25
     max_capacity_multiplier: float = 4.0
 
     def __post_init__(self):
@@ -219,6 +221,11 @@ class Settings:
         for name in ("steps", "report_every", "block"):
             if int(getattr(self, name)) < 1:
                 raise QEqInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.capacity_multiplier <= self.max_capacity_multiplier:
+            raise QEqInputError(
+                f"need 0 < capacity_multiplier ({self.capacity_multiplier}) <= max_capacity_multiplier "
+                f"({self.max_capacity_multiplier})"
+            )
         if self.temperature_K < 0:
             raise QEqInputError(f"temperature must be >= 0 K, got {self.temperature_K}")
 
@@ -332,6 +339,21 @@ def _blow_up(settings, rec, e0, n):
     return None
 
 
+def _allocate(nfn, positions, multiplier, settings, step):
+    """A neighbour list that fits ``positions``, growing the capacity factor by 1.5× while it
+    overflows; ``(neighbors, multiplier)``. MDError past ``max_capacity_multiplier``."""
+    while multiplier <= settings.max_capacity_multiplier * (1 + 1e-12):
+        nbrs = nfn.allocate(positions, multiplier)
+        if not bool(nbrs.did_buffer_overflow):
+            return nbrs, multiplier
+        multiplier *= 1.5
+    raise MDError(
+        f"the neighbour list overflowed at step {step} and cannot be made to fit: its capacity factor would "
+        f"exceed max_capacity_multiplier = {settings.max_capacity_multiplier} (atoms crowd far beyond the "
+        "density they had when the list was allocated); raise the limit or check the structure"
+    )
+
+
 def run(settings, energy, params, system, masses, momenta=None, charges=None, skin=1.0, layout="auto") -> Iterator[Record]:
     """Run MD of ``system`` (positions Å; the cell is fixed) with ``energy`` and ``params``,
     yielding one :class:`Record` (numpy) per block, step 0 first (a one-report record).
@@ -352,8 +374,7 @@ def run(settings, energy, params, system, masses, momenta=None, charges=None, sk
     nfn = neighbor_fn(energy, params, system, skin, layout)
     mass = _masses(masses, n, dtype)
     init_fn, apply_fn = _integrator(settings, fn)
-    multiplier = 1.25
-    nbrs = nfn.allocate(system.positions, multiplier)
+    nbrs, multiplier = _allocate(nfn, system.positions, settings.capacity_multiplier, settings, 0)
     if momenta is None:
         momenta = maxwell_boltzmann(jax.random.PRNGKey(settings.seed), mass, settings.temperature_K, dtype)
     momenta = jnp.asarray(momenta, dtype)
@@ -390,14 +411,7 @@ def run(settings, energy, params, system, masses, momenta=None, charges=None, sk
                 f"{rec.step[i] - settings.report_every} were kept"
             )
         if valid < settings.block:  # the list overflowed: allocate a larger one, redo the block
-            multiplier *= 1.5
-            if multiplier > settings.max_capacity_multiplier:
-                raise MDError(
-                    f"the neighbour list overflowed at step {rec.step[valid]} and cannot be made to fit "
-                    f"(its capacity factor would exceed max_capacity_multiplier = {settings.max_capacity_multiplier}): "
-                    "atoms crowd far beyond the starting density; raise the limit or check the structure"
-                )
-            nbrs = nfn.allocate(state.position, multiplier)
+            nbrs, multiplier = _allocate(nfn, state.position, multiplier * 1.5, settings, rec.step[valid])
             continue
         state, nbrs = new_state, new_nbrs
         done += steps_per_block
