@@ -151,12 +151,14 @@ def plan_for(kernel, cell, pbc, sigma_max=None, n_atoms=1, max_kvectors=None):
     mesh = plan(cell, pbc, kernel.accuracy, kernel.cutoff, sigma_max, **mesh_kw)
     if method == "pme":
         return mesh
-    # auto: products cost ~ 2 N K (exact k-sum, K half-space vectors in the Ewald sphere) against
-    # ~ 2 N p³ + 5 M log2 M (spread, gather, two FFTs)
+    # auto: an evaluation costs ~ 10 N K for the exact k-sum (K half-space vectors in the Ewald
+    # sphere; N K cosines and sines, their derivatives, the products) against ~ 2 N p³ + 5 M log2 M
+    # for PME (spread, gather, two FFTs per product); the factor 10 is measured (benchmarks/bench_pme.py:
+    # PME is already faster at 512 atoms at accuracy 1e-6)
     kcut = 2.0 * mesh.alpha * ewald.log_accuracy(kernel.accuracy)
     n_kvectors = abs(np.linalg.det(np.asarray(cell, np.float64))) * kcut**3 / (12.0 * math.pi**2)
     points = math.prod(mesh.shape)
-    if 2.0 * n_atoms * n_kvectors <= 2.0 * n_atoms * mesh.order**3 + 5.0 * points * math.log2(points):
+    if 10.0 * n_atoms * n_kvectors <= 2.0 * n_atoms * mesh.order**3 + 5.0 * points * math.log2(points):
         return ewald.plan(cell, pbc, kernel.accuracy, kernel.cutoff, sigma_max, **kw)
     return mesh
 
