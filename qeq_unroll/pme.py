@@ -163,42 +163,65 @@ def plan_for(kernel, cell, pbc, sigma_max=None, n_atoms=1, max_kvectors=None):
     return mesh
 
 
+#: Scatter/gather of one atom's p × p × p block of mesh points (a window at a start index).
+_SCATTER = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2, 3), inserted_window_dims=(), scatter_dims_to_operand_dims=(0, 1, 2))
+_GATHER = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2, 3), collapsed_slice_dims=(), start_index_map=(0, 1, 2))
+_IN_BOUNDS = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshOperator:
-    """The PME reciprocal term as a matrix-free operator (eV/e²): ``index`` (N, 3, p) mesh indices
-    and ``weight`` (N, 3, p) B-spline weights of each atom along each cell vector (zero on
-    padding), ``influence`` (K_a, K_b, K_c//2 + 1) the influence function times M on the rfft
-    half mesh, ``self_value`` (scalar) the diagonal. Static ``shape``."""
+    """The PME reciprocal term as a matrix-free operator (eV/e²): ``start`` (N, 3) the first mesh
+    point of each atom's p × p × p block, ``weight`` (N, 3, p) the B-spline weights of the block's
+    points along each cell vector (zero on padding), ``influence`` (K_a, K_b, K_c//2 + 1) the
+    influence function times M on the rfft half mesh, ``self_value`` (scalar) the diagonal. Blocks
+    live on the mesh padded by p − 1 points per direction, folded back periodically. Static
+    ``shape``."""
 
-    index: jax.Array
+    start: jax.Array
     weight: jax.Array
     influence: jax.Array
     self_value: jax.Array
     shape: tuple = (1, 1, 1)
 
-    def _flat(self):
-        kb, kc = self.shape[1], self.shape[2]
-        i, w = self.index, self.weight
-        flat = (i[:, 0, :, None, None] * kb + i[:, 1, None, :, None]) * kc + i[:, 2, None, None, :]
-        return flat.reshape(flat.shape[0], -1), (w[:, 0, :, None, None] * w[:, 1, None, :, None] * w[:, 2, None, None, :]).reshape(flat.shape[0], -1)
+    def _blocks(self):
+        w = self.weight
+        return w[:, 0, :, None, None] * w[:, 1, None, :, None] * w[:, 2, None, None, :]
+
+    def spread(self, q):
+        """W q: the charges (e) on the mesh (K_a, K_b, K_c)."""
+        p = self.weight.shape[2]
+        padded = jnp.zeros(tuple(k + p - 1 for k in self.shape), q.dtype)
+        padded = jax.lax.scatter_add(padded, self.start, q[:, None, None, None] * self._blocks(), _SCATTER, mode=_IN_BOUNDS)
+        for axis, k in enumerate(self.shape):  # fold the padding back onto the periodic mesh
+            head = jax.lax.slice_in_dim(padded, 0, k, axis=axis)
+            tail = jax.lax.slice_in_dim(padded, k, k + p - 1, axis=axis)
+            padded = jax.lax.dynamic_update_slice_in_dim(head, jax.lax.slice_in_dim(head, 0, p - 1, axis=axis) + tail, 0, axis)
+        return padded
+
+    def interpolate(self, grid):
+        """Wᵀ g: mesh values (K_a, K_b, K_c) interpolated at the atoms (N,)."""
+        p = self.weight.shape[2]
+        for axis in range(3):  # periodic padding
+            grid = jnp.concatenate([grid, jax.lax.slice_in_dim(grid, 0, p - 1, axis=axis)], axis=axis)
+        blocks = jax.lax.gather(grid, self.start, _GATHER, (p, p, p), mode=_IN_BOUNDS)
+        return jnp.sum(blocks * self._blocks(), axis=(1, 2, 3))
 
     def matvec(self, q):
         """Wᵀ C W q (eV/e for q in e)."""
-        flat, w = self._flat()
-        grid = jnp.zeros(math.prod(self.shape), q.dtype).at[flat].add(w * q[:, None]).reshape(self.shape)
-        potential = jnp.fft.irfftn(jnp.fft.rfftn(grid) * self.influence, s=self.shape).reshape(-1)
-        return jnp.sum(w * potential[flat], axis=1)
+        potential = jnp.fft.irfftn(jnp.fft.rfftn(self.spread(q)) * self.influence, s=self.shape)
+        return self.interpolate(potential)
 
     def diagonal(self):
-        return jnp.full(self.index.shape[0], self.self_value)
+        return jnp.full(self.start.shape[0], self.self_value)
 
     def dense(self):
-        n = self.index.shape[0]
+        n = self.start.shape[0]
         return jax.vmap(self.matvec)(jnp.eye(n, dtype=self.weight.dtype))
 
 
 jax.tree_util.register_dataclass(
-    MeshOperator, data_fields=["index", "weight", "influence", "self_value"], meta_fields=["shape"]
+    MeshOperator, data_fields=["start", "weight", "influence", "self_value"], meta_fields=["shape"]
 )
 
 
@@ -209,8 +232,9 @@ def operator(positions, cell, mesh: Mesh, mask, coulomb_constant) -> MeshOperato
     sizes = jnp.asarray(shape, positions.dtype)
     u = (positions @ jnp.linalg.inv(cell)) * sizes  # mesh coordinates (N, 3)
     base = jnp.floor(u)
-    weight = jnp.stack(bspline(u - base, p), axis=-1) * mask[:, None, None].astype(positions.dtype)  # (N, 3, p): M_p(w + j)
-    index = jnp.mod(base.astype(jnp.int32)[:, :, None] - jnp.arange(p, dtype=jnp.int32), jnp.asarray(shape, jnp.int32)[:, None])
+    # mesh point floor(u) − j carries M_p(u − floor(u) + j), j = 0..p−1: blocks start at j = p − 1
+    weight = jnp.stack(bspline(u - base, p)[::-1], axis=-1) * mask[:, None, None].astype(positions.dtype)
+    start = jnp.mod(base.astype(jnp.int32) - (p - 1), jnp.asarray(shape, jnp.int32))
     # influence function on the rfft half mesh
     m = [np.fft.fftfreq(k, 1.0 / k) for k in shape[:2]] + [np.arange(shape[2] // 2 + 1)]
     nyquist = np.zeros([len(x) for x in m], bool)
@@ -228,4 +252,4 @@ def operator(positions, cell, mesh: Mesh, mask, coulomb_constant) -> MeshOperato
     influence = green * jnp.asarray(bb * math.prod(shape), positions.dtype)
     multiplicity = np.where((np.arange(shape[2] // 2 + 1) == 0) | (2 * np.arange(shape[2] // 2 + 1) == shape[2]), 1.0, 2.0)
     self_value = jnp.sum(green * jnp.asarray(multiplicity, positions.dtype))
-    return MeshOperator(index, weight, influence, self_value, tuple(shape))
+    return MeshOperator(start, weight, influence, self_value, tuple(shape))
