@@ -112,6 +112,7 @@ def main(argv=None):
             )  # fmt: skip
         rows.append(row)
     wall = time.perf_counter() - wall
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     t0 = {m: data[m][1][0] for m in data if data[m][1]}
     lines = [
@@ -152,7 +153,8 @@ def main(argv=None):
             f"{exponent(ns, per):.2f} per CG iteration."
         )
     lines.append(
-        f"- Whole run {wall:.0f} s. Command: `python benchmarks/bench_pme.py --sizes {args.sizes} "
+        f"- Whole run {wall:.0f} s; load average at its end {load:.1f} on {os.cpu_count()} cores (other jobs "
+        f"on the machine make the times noisy, the ratios less so). Command: `python benchmarks/bench_pme.py --sizes {args.sizes} "
         f"--ewald-max {args.ewald_max} --repeats {args.repeats}`."
     )
     text = "## bench_pme: particle-mesh Ewald vs exact Ewald (gaussian kernel)\n\n" + "\n".join(lines)
