@@ -18,6 +18,7 @@ Stress (ASE Voigt order, eV/Å³) needs a non-singular cell.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -44,6 +45,8 @@ class QEqCalculator(Calculator):
     None to iterate to ``tol`` (at most ``max_iterations``).
     gradient: "unrolled" | "implicit" | "envelope". total_charge: e (None: sum of the initial
     charges). coulomb_constant: eV·Å. dtype: "float64" (needs JAX x64 enabled) | "float32".
+    reciprocal: the gaussian kernel's reciprocal-space method in periodic cells, "auto" | "ewald"
+    (exact k-sum) | "pme" (particle-mesh Ewald), None: the kernel's default.
     skin: Å, of neighbour lists (periodic cells); neighbor_layout: "auto" | "images" (dense, small
     cells) | "list" (jax-md neighbour list, O(N) memory), see ``qeq_unroll.neighbors.build``. fragments: a label 0..F-1 per atom (or
     ``atoms.arrays["fragments"]``): each fragment's charge is fixed, fragment_charges (F,) e (None:
@@ -65,6 +68,7 @@ class QEqCalculator(Calculator):
         total_charge=None,
         coulomb_constant=qeq_unroll.COULOMB_CONSTANT,
         dtype="float64",
+        reciprocal=None,
         skin=qeq_unroll.neighbors.DEFAULT_SKIN,
         neighbor_layout="auto",
         fragments=None,
@@ -86,6 +90,10 @@ class QEqCalculator(Calculator):
         self._dtype = DTYPES[p.dtype]
         params = qeq_unroll.load_params(p.params)
         self.kernel = qeq_unroll.get_kernel(p.kernel, p.cutoff)
+        if p.reciprocal is not None:
+            if not getattr(self.kernel, "ewald", False):
+                raise QEqInputError(f"reciprocal='{p.reciprocal}' is an option of the gaussian kernel, not '{self.kernel.name}'")
+            self.kernel = dataclasses.replace(self.kernel, reciprocal=p.reciprocal)
         self.solver = qeq_unroll.get_solver(p.solver, p.iterations, p.tol, p.max_iterations, p.solver_params)
         if p.solver == "learned":
             lp = self.solver.start.params

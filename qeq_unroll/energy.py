@@ -18,12 +18,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from . import ewald
+from . import ewald, pme
 from .constants import COULOMB_CONSTANT
 from .errors import QEqInputError
 from .geometry import Pairs, dense_pairs, image_pairs, list_pairs, min_distance
 from .gradients import get_gradient
-from .hardness import add_lowrank, dense_hardness, electronegativity, pair_hardness
+from .hardness import add_lowrank, add_operator, dense_hardness, electronegativity, pair_hardness
 from .kernels import get_kernel
 from .neighbors import ImageList, NeighborList, Neighbors, build, update_neighbors
 from .pairs import pair_energy
@@ -83,8 +83,12 @@ def assemble(kernel, params, system, coulomb_constant=COULOMB_CONSTANT, neighbor
             matrix=None if hardness.matrix is None else hardness.matrix + jnp.diag(shift),
             base=None if hardness.base is None else hardness.base + shift,
         )
-        factor = ewald.reciprocal_factor(system.positions, system.cell, reciprocal, system.mask, coulomb_constant)
-        hardness = add_lowrank(hardness, factor)
+        if isinstance(reciprocal, pme.Mesh):
+            term = pme.operator(system.positions, system.cell, reciprocal, system.mask, coulomb_constant)
+            hardness = add_operator(hardness, term)
+        else:
+            factor = ewald.reciprocal_factor(system.positions, system.cell, reciprocal, system.mask, coulomb_constant)
+            hardness = add_lowrank(hardness, factor)
         dchi, e_const = ewald.background(params, system, reciprocal, coulomb_constant)
         chi = chi + dchi
     else:

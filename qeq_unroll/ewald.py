@@ -86,9 +86,10 @@ def default_real_cutoff(sigma_max, accuracy) -> float:
     return max(MIN_REAL_CUTOFF, 1.01 * required_real_cutoff(sigma_max, accuracy))
 
 
-def plan(cell, pbc, accuracy=DEFAULT_ACCURACY, real_cutoff=None, sigma_max=None, max_kvectors=MAX_KVECTORS):
-    """The :class:`Reciprocal` plan for ``cell`` (host). ``real_cutoff`` None: the default for
-    ``sigma_max`` (Å). Raises ``QEqInputError`` when the accuracy is out of reach."""
+def splitting(pbc, accuracy=DEFAULT_ACCURACY, real_cutoff=None, sigma_max=None):
+    """``(alpha, real_cutoff)``: the splitting parameter α (1/Å) and the real-space cutoff (Å) for
+    ``accuracy`` (host; ``real_cutoff`` None: the default for ``sigma_max`` Å). Raises
+    ``QEqInputError`` when the cell is not periodic in 3D or the accuracy is out of reach."""
     if not all(pbc):
         raise QEqInputError(
             "the gaussian kernel sums periodic cells by Ewald, which needs all three directions "
@@ -105,8 +106,14 @@ def plan(cell, pbc, accuracy=DEFAULT_ACCURACY, real_cutoff=None, sigma_max=None,
             f"Gaussian widths up to σ = {sigma_max:.4g} Å: it needs a cutoff of at least "
             f"{required_real_cutoff(sigma_max, accuracy):.4g} Å (or a looser accuracy)"
         )
-    alpha = root / real_cutoff
-    kcut = 2.0 * alpha * root
+    return root / real_cutoff, float(real_cutoff)
+
+
+def plan(cell, pbc, accuracy=DEFAULT_ACCURACY, real_cutoff=None, sigma_max=None, max_kvectors=MAX_KVECTORS):
+    """The :class:`Reciprocal` plan for ``cell`` (host). ``real_cutoff`` None: the default for
+    ``sigma_max`` (Å). Raises ``QEqInputError`` when the accuracy is out of reach."""
+    alpha, real_cutoff = splitting(pbc, accuracy, real_cutoff, sigma_max)
+    kcut = 2.0 * alpha * log_accuracy(accuracy)
     cell = np.asarray(cell, dtype=np.float64)
     recip = np.linalg.inv(cell).T  # rows b_k with a_i·b_j = δ_ij
     mmax = [int(math.floor(kcut * (1 + 1e-3) * np.linalg.norm(cell[k]) / (2 * math.pi))) for k in range(3)]
@@ -175,7 +182,8 @@ def background(params, system, reciprocal, coulomb_constant):
 def madelung_energy(charges, positions, cell, reciprocal, shifts, coulomb_constant=1.0):
     """Electrostatic energy (eV with k_e in eV·Å) of fixed *point* charges (e) in a periodic cell by
     the same Ewald pieces in the limit σ → 0: real space over the lattice translations ``shifts``
-    (S, 3) within ``reciprocal.real_cutoff``, reciprocal space, self and background terms."""
+    (S, 3) within ``reciprocal.real_cutoff``, reciprocal space (exact for a :class:`Reciprocal`,
+    particle-mesh for a ``pme.Mesh``), self and background terms."""
     alpha = reciprocal.alpha
     n = positions.shape[0]
     t = shifts @ cell
@@ -184,8 +192,13 @@ def madelung_energy(charges, positions, cell, reciprocal, shifts, coulomb_consta
     r = jnp.sqrt(jnp.where(not_self, jnp.sum(d * d, axis=-1), 1.0))
     inside = not_self & (r < reciprocal.real_cutoff)
     real = 0.5 * jnp.sum(jnp.where(inside, charges[None, :, None] * charges[None, None, :] * erfc(alpha * r) / r, 0.0))
-    u = reciprocal_factor(positions, cell, reciprocal, jnp.ones(n, bool), 1.0)
-    recip = 0.5 * jnp.sum((u.T @ charges) ** 2)
+    if isinstance(reciprocal, Reciprocal):
+        u = reciprocal_factor(positions, cell, reciprocal, jnp.ones(n, bool), 1.0)
+        recip = 0.5 * jnp.sum((u.T @ charges) ** 2)
+    else:  # a pme.Mesh
+        from . import pme  # noqa: PLC0415 - pme builds on this module
+
+        recip = 0.5 * charges @ pme.operator(positions, cell, reciprocal, jnp.ones(n, bool), 1.0).matvec(charges)
     own = self_term(alpha) * 0.5 * jnp.sum(charges**2)
     bg = -math.pi * jnp.sum(charges) ** 2 / (2.0 * volume(cell) * alpha**2)
     return coulomb_constant * (real + recip + own + bg)

@@ -1,5 +1,6 @@
 """The hardness operator H of the charge problem: dense, or matrix-free over a neighbour list,
-plus optional low-rank (Ewald reciprocal space) and uniform (neutralising background) parts.
+plus optional low-rank (Ewald reciprocal space), matrix-free (PME reciprocal space) and uniform
+(neutralising background) parts.
 
 H_ii = J_i + k_e S_i (kernel self term) + k_e Σ_{images n≠0} K_ii(|n|); H_ij = k_e Σ_n K_ij(|r_ij + n|)
 (free space: n = 0 only); units eV/e². Padding rows are the identity with χ = 0, so padded charges
@@ -21,7 +22,8 @@ class Hardness(NamedTuple):
     every part included. List layout: ``values`` (N, M) couplings to ``neighbors`` (N, M) and
     ``base`` (N,) the diagonal without self-image couplings. ``lowrank`` (N, P): adds U Uᵀ
     (Ewald reciprocal space). ``uniform`` (scalar) with ``real`` (N,) 0/1: adds c u uᵀ (the
-    neutralising background, the same for every pair)."""
+    neutralising background, the same for every pair). ``operator``: adds a symmetric matrix-free
+    term with ``matvec(q)`` and ``dense()`` (``pme.MeshOperator``)."""
 
     matrix: jax.Array | None
     diagonal: jax.Array
@@ -31,6 +33,7 @@ class Hardness(NamedTuple):
     lowrank: jax.Array | None = None
     uniform: jax.Array | None = None
     real: jax.Array | None = None
+    operator: object = None
 
     def matvec(self, q):
         """H q (eV/e for q in e)."""
@@ -42,6 +45,8 @@ class Hardness(NamedTuple):
             out = out + self.lowrank @ (self.lowrank.T @ q)
         if self.uniform is not None:
             out = out + self.uniform * self.real * jnp.vdot(self.real, q)
+        if self.operator is not None:
+            out = out + self.operator.matvec(q)
         return out
 
     def dense(self):
@@ -57,6 +62,8 @@ class Hardness(NamedTuple):
             h = h + self.lowrank @ self.lowrank.T
         if self.uniform is not None:
             h = h + self.uniform * jnp.outer(self.real, self.real)
+        if self.operator is not None:
+            h = h + self.operator.dense()
         return h
 
 
@@ -141,6 +148,11 @@ def add_lowrank(hardness: Hardness, factor) -> Hardness:
     """H + U Uᵀ for U = ``factor`` (N, P) (zero rows on padding)."""
     diag = hardness.diagonal + jnp.sum(factor * factor, axis=1)
     return hardness._replace(lowrank=factor, diagonal=diag)
+
+
+def add_operator(hardness: Hardness, term) -> Hardness:
+    """H + T for a symmetric matrix-free ``term`` with ``matvec``, ``dense`` and ``diagonal``."""
+    return hardness._replace(operator=term, diagonal=hardness.diagonal + term.diagonal())
 
 
 def add_uniform(hardness: Hardness, value, real) -> Hardness:

@@ -5,7 +5,10 @@ r in Å, K in 1/Å. Each kernel is a small frozen strategy object naming the par
 
 - ``gaussian``: erf(r / (√2 γ_ij)) / r with γ_ij = √(σ_i² + σ_j²); self term 1 / (σ_i √π).
   Free space: all pairs. Periodic cells: Ewald summation (``ewald``), ``cutoff`` being its
-  real-space cutoff (None: chosen from the widths) and ``accuracy`` its relative accuracy.
+  real-space cutoff (None: chosen from the widths) and ``accuracy`` its relative accuracy; its
+  reciprocal part exact (``reciprocal="ewald"``), on a mesh (``"pme"``, ``pme``, B-spline order
+  ``mesh_order``, ``mesh_spacing`` Å or None to pick it from the accuracy) or the cheaper of the
+  two for the system (``"auto"``).
 - ``reaxff``: Tap(r) / (r³ + (γ_i γ_j)^(-3/2))^(1/3), Tap the 7th-order taper of LAMMPS
   ``fix qeq/reaxff`` with lower radius 0 and upper radius ``cutoff``.
 - ``point``: 1/r, optionally cut at ``cutoff``: multiplied by the same taper (``taper=True``) or
@@ -40,6 +43,10 @@ def taper(r, cutoff):
     return (((20.0 * x - 70.0) * x + 84.0) * x - 35.0) * x4 + 1.0
 
 
+#: Reciprocal-space methods of the periodic gaussian kernel.
+RECIPROCAL = ("auto", "ewald", "pme")
+
+
 def _check_cutoff(name, cutoff):
     if cutoff is not None and not (math.isfinite(cutoff) and cutoff > 0):
         raise QEqInputError(f"{name} kernel: cutoff must be a positive number of Å, got {cutoff}")
@@ -49,16 +56,25 @@ def _check_cutoff(name, cutoff):
 class Gaussian:
     """Spherical Gaussian charge densities of width σ (4G-HDNNP / kQEq form). Free space: all
     pairs. Periodic: Ewald sum with real-space ``cutoff`` (Å; None: from the widths) and relative
-    ``accuracy``."""
+    ``accuracy``; reciprocal space by ``reciprocal`` = "ewald" (exact k-sum), "pme" (particle-mesh
+    Ewald of B-spline order ``mesh_order`` and spacing ``mesh_spacing`` Å, None: from the
+    accuracy) or "auto" (whichever costs less for the system)."""
 
     cutoff: float | None = None
     name: str = "gaussian"
     required: tuple = ("chi", "hardness", "sigma")
     accuracy: float = 1e-8
+    reciprocal: str = "auto"
+    mesh_order: int = 6
+    mesh_spacing: float | None = None
     ewald: bool = dataclasses.field(default=True, init=False)
 
     def __post_init__(self):
         _check_cutoff(self.name, self.cutoff)
+        if self.reciprocal not in RECIPROCAL:
+            raise QEqInputError(
+                f"gaussian kernel: unknown reciprocal-space method '{self.reciprocal}' (valid: {', '.join(RECIPROCAL)})"
+            )
 
     def coupling(self, params, si, sj, r):
         s_i, s_j = params.sigma[si], params.sigma[sj]

@@ -274,7 +274,8 @@ def update_neighbors(nbrs: NeighborList, system) -> NeighborList:
 class Neighbors:
     """Everything about which interactions exist that must be decided on the host, for one kernel
     and one system: ``pairs`` (an :class:`ImageList`, a :class:`NeighborList`, or None for the
-    free-space all-pairs sum) and ``reciprocal`` (an ``ewald.Reciprocal`` for Ewald kernels)."""
+    free-space all-pairs sum) and ``reciprocal`` (an ``ewald.Reciprocal`` or a ``pme.Mesh`` for Ewald
+    kernels)."""
 
     pairs: object = None
     reciprocal: object = None
@@ -309,7 +310,7 @@ def build(kernel, system, params=None, layout="auto", skin=DEFAULT_SKIN, capacit
     cutoff from the Gaussian widths of the elements present. Errors name the problem: a periodic
     cell with a kernel that has no cutoff and no Ewald sum, a charged periodic cell with a kernel
     that has no background term, an unreachable Ewald accuracy."""
-    from . import ewald  # noqa: PLC0415
+    from . import pme  # noqa: PLC0415
 
     if layout not in ("auto", "images", "list", "dense"):
         raise QEqInputError(f"unknown neighbour layout '{layout}' (valid: auto, images, list, dense)")
@@ -329,10 +330,8 @@ def build(kernel, system, params=None, layout="auto", skin=DEFAULT_SKIN, capacit
         if params is not None:
             species = np.unique(np.asarray(system.species)[np.asarray(system.mask)])
             sigma_max = float(np.max(np.asarray(params.sigma)[species]))
-        kw = {} if max_kvectors is None else {"max_kvectors": max_kvectors}
-        reciprocal = ewald.plan(
-            np.asarray(system.cell), system.pbc, kernel.accuracy, kernel.cutoff, sigma_max, **kw
-        )
+        n = int(np.sum(np.asarray(system.mask)))
+        reciprocal = pme.plan_for(kernel, np.asarray(system.cell), system.pbc, sigma_max, n, max_kvectors)
         reach = reciprocal.real_cutoff
     else:
         if kernel.cutoff is None:

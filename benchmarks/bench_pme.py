@@ -1,0 +1,167 @@
+"""Particle-mesh Ewald against the exact Ewald k-sum: the periodic gaussian kernel on rattled NaCl.
+
+Rattled rock-salt NaCl (a = 5.64 Å, 0.1 Å rattle), the gaussian kernel with σ_Na = 1.0 Å,
+σ_Cl = 1.2 Å (χ, J as in ``tests/test_periodic.py``), Ewald accuracy 1e-6 (real-space cutoff
+chosen from the widths, 9.0 Å; pairs from a jax-md neighbour list, skin 1 Å, built beforehand as
+in MD), CG to a relative residual of 1e-7 with implicit forces, everything on one CPU thread (the
+process is pinned to one core and XLA runs single-threaded). For each N, in one run:
+
+- exact Ewald (``reciprocal="ewald"``: the reciprocal sum as a low-rank term over every k-vector
+  of the Ewald sphere; memory O(N K) with K ∝ N, so only the smaller sizes) and PME
+  (``reciprocal="pme"``, B-spline order 6, mesh from the accuracy): one jitted call of energy +
+  forces + charges (``energy_and_forces``), median of repeats after JIT warm-up;
+- where both run, PME's errors against exact Ewald: relative energy, max |Δq|, max |ΔF|.
+
+Reported: the time ratio PME / Ewald, each method's time relative to its own smallest size, CG
+iterations, and the time-vs-N exponents (least squares in log-log), also per CG iteration (the
+Coulomb operator's condition number grows with the cell, ∝ L², so iterations grow ∝ N^(1/3)).
+Absolute times are printed; the table keeps ratios. Writes the ``bench_pme`` section of
+``benchmarks/RESULTS.md``.
+
+    python benchmarks/bench_pme.py [--sizes 512,...] [--ewald-max 1728] [--repeats 3] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+# one thread: set before JAX starts
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import qeq_unroll as qu  # noqa: E402
+from bench_periodic import exponent, median_time, rock_salt  # noqa: E402
+from results import RESULTS, write_section  # noqa: E402
+
+ACCURACY = 1e-6
+TOL = 1e-7
+ORDER = 6
+PARAMS = qu.Params.from_dict(
+    {
+        "name": "bench-pme",
+        "elements": {
+            "Na": {"chi": 2.84, "hardness": 9.0, "sigma": 1.0},
+            "Cl": {"chi": 8.56, "hardness": 12.0, "sigma": 1.2},
+        },
+    }
+)
+
+
+def measure(system, method, repeats):
+    """Time (s), CG iterations, plan, and the outputs of one energy + forces + charges call."""
+    kernel = qu.Gaussian(accuracy=ACCURACY, reciprocal=method, mesh_order=ORDER)
+    energy = qu.qeq_energy(kernel, qu.CG(tol=TOL, max_iterations=2000), "implicit")
+    nbrs = energy.neighbors(system, PARAMS, layout="list", skin=1.0, capacity_multiplier=1.1)
+    evaluate = jax.jit(qu.energy_and_forces(energy))
+    e, f, aux = jax.block_until_ready(evaluate(PARAMS, system, nbrs))
+    assert not bool(aux["neighbors_overflow"]) and bool(aux["converged"])
+    t = median_time(lambda: jax.block_until_ready(evaluate(PARAMS, system, nbrs)), repeats)
+    out = dict(e=float(e), f=np.asarray(f), q=np.asarray(aux["charges"]))
+    return t, int(aux["iterations"]), nbrs.reciprocal, out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="512,1000,1728,4096,13824,32768", help="atom counts (8 reps³)")
+    ap.add_argument("--ewald-max", type=int, default=1728, help="largest N run with the exact k-sum")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true", help=f"print only; do not update {RESULTS.name}")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    wall = time.perf_counter()
+    rows, data = [], {"ewald": ([], [], []), "pme": ([], [], [])}
+    for n in sizes:
+        reps = round((n / 8) ** (1 / 3))
+        if 8 * reps**3 != n:
+            raise SystemExit(f"N = {n} is not 8 reps³")
+        pos, kinds, cell = rock_salt(reps)
+        system = qu.make_system(pos, kinds, cell=cell, pbc=True)
+        res = {}
+        for method in ("ewald", "pme"):
+            if method == "ewald" and n > args.ewald_max:
+                continue
+            t, iters, plan, out = measure(system, method, args.repeats)
+            res[method] = (t, iters, plan, out)
+            for col, v in zip(data[method], (n, t, t / iters)):
+                col.append(v)
+            print(f"N={n} {method}: {1e3 * t:.1f} ms, {iters} iterations, plan {plan if method == 'pme' else len(plan.miller)}", flush=True)
+        t_pme, it_pme, mesh, out_pme = res["pme"]
+        row = dict(n=n, mesh="×".join(map(str, mesh.shape)), it_pme=it_pme, t_pme=t_pme)
+        if "ewald" in res:
+            t_ew, it_ew, plan, out_ew = res["ewald"]
+            row.update(
+                k=len(plan.miller), it_ew=it_ew, ratio=t_pme / t_ew,
+                de=abs(out_pme["e"] - out_ew["e"]) / abs(out_ew["e"]),
+                dq=float(np.abs(out_pme["q"] - out_ew["q"]).max()),
+                df=float(np.abs(out_pme["f"] - out_ew["f"]).max()),
+            )  # fmt: skip
+        rows.append(row)
+    wall = time.perf_counter() - wall
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    t0 = {m: data[m][1][0] for m in data if data[m][1]}
+    lines = [
+        f"Rattled rock-salt NaCl, gaussian kernel (σ 1.0/1.2 Å), Ewald accuracy {ACCURACY:g} (real-space "
+        f"cutoff {mesh.real_cutoff:.2f} Å), CG tol {TOL:g} with implicit forces, energy + forces + charges per "
+        f"call, one CPU thread ({platform.processor() or platform.machine()}). PME: B-spline order {ORDER}, mesh "
+        "from the accuracy. Times relative to each method's N = "
+        f"{sizes[0]} (absolute: exact Ewald {1e3 * t0.get('ewald', float('nan')):.0f} ms, PME {1e3 * t0['pme']:.0f} ms "
+        "there; absolute times are machine-dependent). Errors: PME against exact Ewald.",
+        "",
+        "| N | mesh | Ewald k-vectors | CG iter. (Ewald / PME) | t PME / t Ewald | t / t(N₀) Ewald | t / t(N₀) PME "
+        "| rel. ΔE | max Δq (e) | max ΔF (eV/Å) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "ratio" in r:
+            t_ew = data["ewald"][1][data["ewald"][0].index(r["n"])]
+            ewald_cols = [str(r["k"]), f"{r['it_ew']} / {r['it_pme']}", f"{r['ratio']:.3f}", f"{t_ew / t0['ewald']:.2f}"]
+            errors = [f"{r['de']:.1e}", f"{r['dq']:.1e}", f"{r['df']:.1e}"]
+        else:
+            ewald_cols = ["—", f"— / {r['it_pme']}", "—", "—"]
+            errors = ["—"] * 3
+        cols = [str(r["n"]), r["mesh"], *ewald_cols, f"{r['t_pme'] / t0['pme']:.2f}", *errors]
+        lines.append("| " + " | ".join(cols) + " |")
+    lines.append("")
+    for m, label in (("ewald", "exact Ewald"), ("pme", "PME")):
+        ns, ts, per = data[m]
+        if len(ns) >= 2:
+            lines.append(
+                f"- Time-vs-N exponent, {label} (N = {ns[0]}..{ns[-1]}): {exponent(ns, ts):.2f} per call, "
+                f"{exponent(ns, per):.2f} per CG iteration."
+            )
+    big = [row for row in zip(*data["pme"]) if row[0] >= 4096]
+    if len(big) >= 2:
+        ns, ts, per = zip(*big)
+        lines.append(
+            f"- PME exponent over N = {ns[0]}..{ns[-1]}: {exponent(ns, ts):.2f} per call, "
+            f"{exponent(ns, per):.2f} per CG iteration."
+        )
+    lines.append(
+        f"- Whole run {wall:.0f} s; load average at its end {load:.1f} on {os.cpu_count()} cores (other jobs "
+        f"on the machine make the times noisy, the ratios less so). Command: `python benchmarks/bench_pme.py --sizes {args.sizes} "
+        f"--ewald-max {args.ewald_max} --repeats {args.repeats}`."
+    )
+    text = "## bench_pme: particle-mesh Ewald vs exact Ewald (gaussian kernel)\n\n" + "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section("bench_pme", text)
+
+
+if __name__ == "__main__":
+    main()

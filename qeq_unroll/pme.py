@@ -1,0 +1,255 @@
+"""Particle-mesh Ewald (PME): the reciprocal-space part of the Ewald sum (``ewald``) on a mesh.
+
+``ewald`` splits the periodic Gaussian-charge coupling so that the Gaussian widths sit entirely in
+the real-space term; the reciprocal part is that of point charges,
+
+    H^rec_ij = k_e (4π/V) Σ_{k≠0} cos(k·r_ij) exp(−k²/4α²) / k²       (eV/e²),
+
+which ``ewald.reciprocal_factor`` sums exactly over a sphere of k-vectors (cost O(N K), K ∝ V).
+PME (Essmann et al., J. Chem. Phys. 103, 8577 (1995)) applies it matrix-free as
+
+    H^rec q ≈ Wᵀ C W q,
+
+W the smooth charge assignment with cardinal B-splines of order p onto a K_a × K_b × K_c mesh in
+fractional coordinates, C the convolution with the influence function
+
+    θ(m) = k_e (4π/V) exp(−k²/4α²)/k² |b_a(m_a) b_b(m_b) b_c(m_c)|²,   k = 2π m A⁻ᵀ,
+
+done by FFT (b the Euler exponential-spline factors). Cost O(N p³ + M log M) per product for M
+mesh points, memory O(N p + M). Wᵀ C W is symmetric (the Nyquist modes of even meshes are
+dropped so θ is Hermitian) and smooth in positions and cell, so forces and stress come from
+``jax.grad``. The diagonal reported for preconditioning is the exact Ewald one, Σ_{k≠0} on the
+mesh of k_e (4π/V) exp(−k²/4α²)/k² (the same for every atom).
+
+Accuracy ε (the Ewald one): B-spline interpolation of the mode k on a mesh of spacing h (plane
+heights over K) is off by about 2 (k h / 2π)^p; weighted by exp(−k²/4α²) this peaks at
+2 (αh/π)^p (p/2)^(p/2) e^(−p/2). The plan takes the largest h for which that is ≤ ε and the mesh
+still resolves the Ewald sphere, π/h ≥ 2α√(−ln ε), and rounds each K up to a 2^a 3^b 5^c size.
+
+``plan_for`` picks the exact k-sum or PME for a kernel's ``reciprocal`` option ("ewald", "pme",
+"auto": the one with the smaller estimated cost per product).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import ewald
+from .errors import QEqInputError
+from .periodic import heights, volume
+
+#: Default B-spline order of the charge assignment.
+DEFAULT_ORDER = 6
+#: Orders allowed (below 3 the forces are not continuous; above 12 nothing is gained in float64).
+ORDERS = range(3, 13)
+#: Most mesh points allowed by default.
+MAX_MESH_POINTS = 2**27
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    """PME plan (all static): mesh ``shape`` (K_a, K_b, K_c) along the cell vectors, B-spline
+    ``order`` p, and the Ewald ``alpha`` (1/Å), ``real_cutoff`` (Å), ``accuracy``."""
+
+    shape: tuple = (1, 1, 1)
+    order: int = DEFAULT_ORDER
+    alpha: float = 0.0
+    real_cutoff: float = 0.0
+    accuracy: float = ewald.DEFAULT_ACCURACY
+
+
+jax.tree_util.register_dataclass(Mesh, data_fields=[], meta_fields=["shape", "order", "alpha", "real_cutoff", "accuracy"])
+
+
+def bspline(w, order):
+    """Cardinal B-spline values M_p(w + j), j = 0..p−1, for w in [0, 1) (stacked last; works on
+    NumPy and JAX arrays). M_1 = 1 on [0, 1); M_n(x) = [x M_{n−1}(x) + (n − x) M_{n−1}(x − 1)]/(n − 1)."""
+    values = [w * 0 + 1.0]
+    for n in range(2, order + 1):
+        values = [
+            ((w + j) * (values[j] if j < n - 1 else 0.0) + (n - w - j) * (values[j - 1] if j else 0.0)) / (n - 1)
+            for j in range(n)
+        ]
+    return values
+
+
+def spline_moduli(size, order):
+    """|b(m)|² of the Euler exponential spline for m = 0..K−1 (NumPy), 0 at the Nyquist mode."""
+    knots = np.asarray(bspline(0.0, order))  # M_p(j), j = 0..p−1
+    m = np.arange(size)
+    den = np.abs(np.exp(2j * np.pi * np.outer(m, np.arange(order)) / size) @ knots) ** 2
+    out = np.where(den > 1e-30, 1.0 / np.maximum(den, 1e-30), 0.0)
+    if size % 2 == 0:
+        out[size // 2] = 0.0
+    return out
+
+
+def max_spacing(alpha, accuracy, order) -> float:
+    """Largest mesh spacing (Å) for relative accuracy ε with B-splines of order p (see module)."""
+    p = order
+    peak = 2.0 * (p / 2.0) ** (p / 2.0) * math.exp(-p / 2.0)
+    aliasing = (accuracy / peak) ** (1.0 / p)
+    resolve = 1.0 / (2.0 * ewald.log_accuracy(accuracy))
+    return math.pi / alpha * min(aliasing, resolve)
+
+
+def fft_size(n) -> int:
+    """Smallest 2^a 3^b 5^c ≥ n."""
+    best = None
+    a = 1
+    while a < 2 * n:
+        b = a
+        while b < 2 * n:
+            c = b
+            while c < n:
+                c *= 5
+            best = c if best is None else min(best, c)
+            b *= 3
+        a *= 2
+    return best
+
+
+def plan(cell, pbc, accuracy=ewald.DEFAULT_ACCURACY, real_cutoff=None, sigma_max=None, order=DEFAULT_ORDER,
+         spacing=None, max_points=MAX_MESH_POINTS) -> Mesh:  # fmt: skip
+    """The :class:`Mesh` of ``cell`` (host). ``spacing`` (Å): None picks the largest that reaches
+    ``accuracy``; a given one must be fine enough. Raises ``QEqInputError`` when the accuracy is out
+    of reach (bad order, too coarse a spacing, more than ``max_points`` mesh points)."""
+    alpha, real_cutoff = ewald.splitting(pbc, accuracy, real_cutoff, sigma_max)
+    if order not in ORDERS:
+        raise QEqInputError(f"PME B-spline order must be an integer in [3, 12], got {order}")
+    limit = max_spacing(alpha, accuracy, order)
+    if spacing is None:
+        spacing = limit
+    elif not (math.isfinite(spacing) and 0 < spacing <= limit):
+        raise QEqInputError(
+            f"PME accuracy {accuracy:g} cannot be reached with a mesh spacing of {spacing} Å at order {order}: it "
+            f"needs a spacing of at most {limit:.4g} Å (or a higher order, a looser accuracy, a longer real-space cutoff)"
+        )
+    shape = tuple(fft_size(max(order, math.ceil(h / spacing))) for h in heights(np.asarray(cell, np.float64), pbc))
+    points = shape[0] * shape[1] * shape[2]
+    if points > max_points:
+        raise QEqInputError(
+            f"PME accuracy {accuracy:g} cannot be reached: this cell needs a {shape[0]}×{shape[1]}×{shape[2]} mesh "
+            f"({points} points, limit {max_points}); use a looser accuracy, a higher order or a longer real-space cutoff"
+        )
+    return Mesh(shape, int(order), float(alpha), float(real_cutoff), float(accuracy))
+
+
+def plan_for(kernel, cell, pbc, sigma_max=None, n_atoms=1, max_kvectors=None):
+    """The reciprocal-space plan of an Ewald ``kernel`` (host): an ``ewald.Reciprocal`` or a
+    :class:`Mesh`, after the kernel's ``reciprocal`` option ("ewald" | "pme" | "auto")."""
+    method = getattr(kernel, "reciprocal", "ewald")
+    kw = {} if max_kvectors is None else {"max_kvectors": max_kvectors}
+    mesh_kw = dict(order=kernel.mesh_order, spacing=kernel.mesh_spacing)
+    if method == "ewald":
+        return ewald.plan(cell, pbc, kernel.accuracy, kernel.cutoff, sigma_max, **kw)
+    mesh = plan(cell, pbc, kernel.accuracy, kernel.cutoff, sigma_max, **mesh_kw)
+    if method == "pme":
+        return mesh
+    # auto: an evaluation costs ~ 10 N K for the exact k-sum (K half-space vectors in the Ewald
+    # sphere; N K cosines and sines, their derivatives, the products) against ~ 2 N p³ + 5 M log2 M
+    # for PME (spread, gather, two FFTs per product); the factor 10 is measured (benchmarks/bench_pme.py:
+    # PME is already faster at 512 atoms at accuracy 1e-6)
+    kcut = 2.0 * mesh.alpha * ewald.log_accuracy(kernel.accuracy)
+    n_kvectors = abs(np.linalg.det(np.asarray(cell, np.float64))) * kcut**3 / (12.0 * math.pi**2)
+    points = math.prod(mesh.shape)
+    if 10.0 * n_atoms * n_kvectors <= 2.0 * n_atoms * mesh.order**3 + 5.0 * points * math.log2(points):
+        return ewald.plan(cell, pbc, kernel.accuracy, kernel.cutoff, sigma_max, **kw)
+    return mesh
+
+
+#: Scatter/gather of one atom's p × p × p block of mesh points (a window at a start index).
+_SCATTER = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2, 3), inserted_window_dims=(), scatter_dims_to_operand_dims=(0, 1, 2))
+_GATHER = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2, 3), collapsed_slice_dims=(), start_index_map=(0, 1, 2))
+_IN_BOUNDS = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshOperator:
+    """The PME reciprocal term as a matrix-free operator (eV/e²): ``start`` (N, 3) the first mesh
+    point of each atom's p × p × p block, ``weight`` (N, 3, p) the B-spline weights of the block's
+    points along each cell vector (zero on padding), ``influence`` (K_a, K_b, K_c//2 + 1) the
+    influence function times M on the rfft half mesh, ``self_value`` (scalar) the diagonal. Blocks
+    live on the mesh padded by p − 1 points per direction, folded back periodically. Static
+    ``shape``."""
+
+    start: jax.Array
+    weight: jax.Array
+    influence: jax.Array
+    self_value: jax.Array
+    shape: tuple = (1, 1, 1)
+
+    def _blocks(self):
+        w = self.weight
+        return w[:, 0, :, None, None] * w[:, 1, None, :, None] * w[:, 2, None, None, :]
+
+    def spread(self, q):
+        """W q: the charges (e) on the mesh (K_a, K_b, K_c)."""
+        p = self.weight.shape[2]
+        padded = jnp.zeros(tuple(k + p - 1 for k in self.shape), q.dtype)
+        padded = jax.lax.scatter_add(padded, self.start, q[:, None, None, None] * self._blocks(), _SCATTER, mode=_IN_BOUNDS)
+        for axis, k in enumerate(self.shape):  # fold the padding back onto the periodic mesh
+            head = jax.lax.slice_in_dim(padded, 0, k, axis=axis)
+            tail = jax.lax.slice_in_dim(padded, k, k + p - 1, axis=axis)
+            padded = jax.lax.dynamic_update_slice_in_dim(head, jax.lax.slice_in_dim(head, 0, p - 1, axis=axis) + tail, 0, axis)
+        return padded
+
+    def interpolate(self, grid):
+        """Wᵀ g: mesh values (K_a, K_b, K_c) interpolated at the atoms (N,)."""
+        p = self.weight.shape[2]
+        for axis in range(3):  # periodic padding
+            grid = jnp.concatenate([grid, jax.lax.slice_in_dim(grid, 0, p - 1, axis=axis)], axis=axis)
+        blocks = jax.lax.gather(grid, self.start, _GATHER, (p, p, p), mode=_IN_BOUNDS)
+        return jnp.sum(blocks * self._blocks(), axis=(1, 2, 3))
+
+    def matvec(self, q):
+        """Wᵀ C W q (eV/e for q in e)."""
+        potential = jnp.fft.irfftn(jnp.fft.rfftn(self.spread(q)) * self.influence, s=self.shape)
+        return self.interpolate(potential)
+
+    def diagonal(self):
+        return jnp.full(self.start.shape[0], self.self_value)
+
+    def dense(self):
+        n = self.start.shape[0]
+        return jax.vmap(self.matvec)(jnp.eye(n, dtype=self.weight.dtype))
+
+
+jax.tree_util.register_dataclass(
+    MeshOperator, data_fields=["start", "weight", "influence", "self_value"], meta_fields=["shape"]
+)
+
+
+def operator(positions, cell, mesh: Mesh, mask, coulomb_constant) -> MeshOperator:
+    """The PME reciprocal term of H for atoms at ``positions`` (N, 3) Å in ``cell`` (3, 3) Å (rows
+    are cell vectors), padding rows (``mask`` False) decoupled."""
+    shape, p = mesh.shape, mesh.order
+    sizes = jnp.asarray(shape, positions.dtype)
+    u = (positions @ jnp.linalg.inv(cell)) * sizes  # mesh coordinates (N, 3)
+    base = jnp.floor(u)
+    # mesh point floor(u) − j carries M_p(u − floor(u) + j), j = 0..p−1: blocks start at j = p − 1
+    weight = jnp.stack(bspline(u - base, p)[::-1], axis=-1) * mask[:, None, None].astype(positions.dtype)
+    start = jnp.mod(base.astype(jnp.int32) - (p - 1), jnp.asarray(shape, jnp.int32))
+    # influence function on the rfft half mesh
+    m = [np.fft.fftfreq(k, 1.0 / k) for k in shape[:2]] + [np.arange(shape[2] // 2 + 1)]
+    nyquist = np.zeros([len(x) for x in m], bool)
+    for d, k in enumerate(shape):
+        if k % 2 == 0:
+            nyquist |= (np.abs(m[d]) == k // 2).reshape([-1 if e == d else 1 for e in range(3)])
+    grid = np.stack(np.meshgrid(*m, indexing="ij"), -1)
+    kvec = 2.0 * math.pi * jnp.asarray(grid, positions.dtype) @ jnp.linalg.inv(cell).T
+    k2 = jnp.sum(kvec * kvec, axis=-1)
+    keep = jnp.asarray(~nyquist & (np.sum(grid != 0, axis=-1) > 0))
+    safe = jnp.where(keep, k2, 1.0)
+    green = jnp.where(keep, coulomb_constant * 4.0 * math.pi / volume(cell) * jnp.exp(-safe / (4 * mesh.alpha**2)) / safe, 0.0)
+    moduli = [spline_moduli(k, p) for k in shape]
+    bb = np.einsum("a,b,c->abc", moduli[0], moduli[1], moduli[2][: shape[2] // 2 + 1])
+    influence = green * jnp.asarray(bb * math.prod(shape), positions.dtype)
+    multiplicity = np.where((np.arange(shape[2] // 2 + 1) == 0) | (2 * np.arange(shape[2] // 2 + 1) == shape[2]), 1.0, 2.0)
+    self_value = jnp.sum(green * jnp.asarray(multiplicity, positions.dtype))
+    return MeshOperator(start, weight, influence, self_value, tuple(shape))

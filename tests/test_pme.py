@@ -1,0 +1,133 @@
+"""Particle-mesh Ewald (the periodic gaussian kernel with ``reciprocal="pme"``): agreement with the
+exact Ewald sum at the stated accuracy (neutral and charged cells), convergence with mesh spacing
+and B-spline order, the Madelung constant, finite-difference forces and stress, the automatic
+choice, the calculator option, and bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qeq_unroll as qu
+from qeq_unroll import QEqInputError, ewald, periodic, pme
+
+try:
+    from test_ewald import MADELUNG_NACL, NO_PAIRS, ROCK_SALT
+    from test_periodic import MODES, check_fd, rock_salt, system_of
+except ImportError:  # tests/ imported as a package
+    from tests.test_ewald import MADELUNG_NACL, NO_PAIRS, ROCK_SALT
+    from tests.test_periodic import MODES, check_fd, rock_salt, system_of
+
+jax.config.update("jax_enable_x64", True)
+
+ACCURACY = 1e-6
+
+
+def solve(system, reciprocal, accuracy=ACCURACY, cutoff=9.0, **kw):
+    kernel = qu.Gaussian(cutoff=cutoff, accuracy=accuracy, reciprocal=reciprocal, **kw)
+    energy = qu.qeq_energy(kernel, qu.Exact(), "unrolled")
+    nbrs = energy.neighbors(system, NO_PAIRS, layout="images")
+    e, aux = jax.jit(energy)(NO_PAIRS, system, nbrs)
+    return float(e), np.asarray(aux["charges"]), nbrs.reciprocal
+
+
+@pytest.mark.parametrize("total", [0.0, 1.0])
+def test_pme_matches_exact_ewald(total):
+    """Energy and charges of PME equal the exact k-sum to the accuracy asked for, also for a
+    charged cell (neutralising background); the plan chose a mesh, the reference an Ewald sphere."""
+    pos, kinds, cell = rock_salt(2, rattle=0.2, seed=3)
+    system = system_of(pos, kinds, cell, total_charge=total)
+    e_ref, q_ref, plan_ref = solve(system, "ewald")
+    e, q, plan = solve(system, "pme")
+    assert isinstance(plan_ref, ewald.Reciprocal) and isinstance(plan, pme.Mesh)
+    assert abs(e - e_ref) < ACCURACY * abs(e_ref)
+    assert np.abs(q - q_ref).max() < ACCURACY
+
+
+def reciprocal_error(order, points, seed=0):
+    """max |H_pme q − H_ewald q| / max |H_ewald q| of the reciprocal terms for random charges, on
+    a mesh of ``points``³ (the cell is 11.28 Å wide) with the splitting of the reference."""
+    pos, kinds, cell = rock_salt(2, rattle=0.2, seed=seed)
+    system = system_of(pos, kinds, cell)
+    exact = ewald.plan(cell, (True,) * 3, 1e-12, 10.0)
+    mesh = pme.Mesh((points,) * 3, order, exact.alpha)
+    q = jnp.asarray(np.random.default_rng(seed).normal(size=len(pos)))
+    u = ewald.reciprocal_factor(system.positions, system.cell, exact, system.mask, 1.0)
+    ref = u @ (u.T @ q)
+    out = pme.operator(system.positions, system.cell, mesh, system.mask, 1.0).matvec(q)
+    return float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
+
+
+def test_pme_error_falls_with_mesh_spacing_and_order():
+    by_spacing = [reciprocal_error(6, k) for k in (15, 20, 30)]  # spacing 0.75, 0.56, 0.38 Å
+    by_order = [reciprocal_error(p, 15) for p in (4, 6, 8)]
+    for errors in (by_spacing, by_order):
+        assert all(b < 0.3 * a for a, b in zip(errors, errors[1:])), errors
+    assert by_spacing[-1] < 1e-6 and by_order[-1] < 1e-5
+
+
+def test_madelung_constant_with_pme():
+    """Fixed ±1 point charges on the rock-salt lattice, reciprocal part on the mesh."""
+    a, cutoff = 5.64, 7.0
+    cell = np.eye(3) * a
+    q = jnp.asarray([1.0] * 4 + [-1.0] * 4)
+    mesh = pme.plan(cell, (True,) * 3, accuracy=1e-10, real_cutoff=cutoff, order=10)
+    shifts = jnp.asarray(periodic.image_shifts(cell, (True,) * 3, cutoff))
+    e = ewald.madelung_energy(q, jnp.asarray(ROCK_SALT * a), jnp.asarray(cell), mesh, shifts)
+    assert abs(-float(e) * a / 8 - MADELUNG_NACL) < 1e-6
+
+
+@pytest.mark.parametrize("mode,total", [(0, 0.0), (1, 1.0)], ids=["unrolled-K3-neutral", "implicit-charged"])
+def test_fd_forces_and_stress_pme(mode, total):
+    solver, gradient = MODES[mode]
+    pos, kinds, cell = rock_salt(1, rattle=0.2, seed=3)
+    system = system_of(pos, kinds, cell * 1.05, total_charge=total)
+    layout = "images" if gradient == "unrolled" else "list"
+    kernel = qu.Gaussian(cutoff=9.0, accuracy=1e-6, reciprocal="pme")
+    stress_err, force_err = check_fd(kernel, solver, gradient, system, layout)
+    assert stress_err < 1e-6
+    assert force_err < 1e-7
+
+
+def test_auto_picks_the_cheaper_reciprocal_sum():
+    kernel = qu.Gaussian(cutoff=9.0, accuracy=1e-6)
+    assert kernel.reciprocal == "auto"
+    small = np.eye(3) * 11.28
+    assert isinstance(pme.plan_for(kernel, small, (True,) * 3, 1.2, 64), ewald.Reciprocal)
+    large = np.eye(3) * 45.12  # 4096 atoms of rock salt
+    assert isinstance(pme.plan_for(kernel, large, (True,) * 3, 1.2, 4096), pme.Mesh)
+
+
+def test_calculator_passes_the_reciprocal_option():
+    from ase import Atoms
+
+    from calculators import QEqCalculator
+
+    pos, kinds, cell = rock_salt(2, rattle=0.2, seed=3)
+    atoms = Atoms(["Na" if k == 0 else "Cl" for k in kinds], positions=pos, cell=cell, pbc=True)
+    out = {}
+    for method in ("ewald", "pme"):
+        atoms.calc = QEqCalculator(params=NO_PAIRS, kernel="gaussian", solver="exact", reciprocal=method)
+        out[method] = (atoms.get_potential_energy(), atoms.get_charges())
+        assert isinstance(atoms.calc._neighbors.reciprocal, ewald.Reciprocal if method == "ewald" else pme.Mesh)
+    assert abs(out["pme"][0] - out["ewald"][0]) < 1e-8 * abs(out["ewald"][0])
+    np.testing.assert_allclose(out["pme"][1], out["ewald"][1], atol=1e-8)
+    with pytest.raises(QEqInputError, match="option of the gaussian kernel, not 'reaxff'"):
+        QEqCalculator(params=NO_PAIRS, kernel="reaxff", reciprocal="pme")
+
+
+def test_pme_bad_input():
+    cell = np.eye(3) * 5.64
+    pbc = (True,) * 3
+    with pytest.raises(QEqInputError, match=r"order must be an integer in \[3, 12\], got 2"):
+        pme.plan(cell, pbc, 1e-6, 9.0, order=2)
+    with pytest.raises(QEqInputError, match=r"PME accuracy 1e-08 cannot be reached with a mesh spacing of 1.5 Å at order 6"):
+        pme.plan(cell, pbc, 1e-8, 9.0, spacing=1.5)
+    with pytest.raises(QEqInputError, match=r"PME accuracy 1e-12 cannot be reached: this cell needs a"):
+        pme.plan(cell * 40, pbc, 1e-12, 6.0, order=4, max_points=10**6)
+    with pytest.raises(QEqInputError, match=r"Ewald accuracy 1e-20 cannot be reached"):
+        pme.plan(cell, pbc, 1e-20, 9.0)
+    with pytest.raises(QEqInputError, match=r"unknown reciprocal-space method 'fft'"):
+        qu.Gaussian(reciprocal="fft")
