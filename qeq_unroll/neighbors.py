@@ -188,6 +188,8 @@ def neighbor_list(system, cutoff, skin=DEFAULT_SKIN, capacity_multiplier=1.25) -
     with warnings.catch_warnings():  # jax-md mixes int32/int64 index dtypes under x64
         warnings.simplefilter("ignore", FutureWarning)
         inner = fn.allocate(frac)
+    if inner.cell_size is not None:  # jax-md keeps an array as static metadata; JAX compares those
+        inner = dataclasses.replace(inner, cell_size=tuple(np.atleast_1d(np.asarray(inner.cell_size)).tolist()))
     n = system.positions.shape[0]
     m = inner.idx.shape[1]
     reference_cell = system.cell if system.periodic else jnp.eye(3, dtype=dtype)

@@ -157,3 +157,4 @@ def test_blocked_matvec_equals_plain(monkeypatch):
     assert abs(float(blocked[0] - plain[0])) < 1e-9
     np.testing.assert_allclose(blocked[1], plain[1], atol=1e-10)
     np.testing.assert_allclose(blocked[2], plain[2], atol=1e-12)
+
