@@ -223,3 +223,32 @@ def test_indefinite_hardness_is_flagged():
     for solver in (qu.Exact(), qu.CG(iterations=10)):
         _, aux = qu.qeq_energy("point", solver, "unrolled")(soft, system)
         assert not bool(aux["positive_definite"]), solver.name
+
+
+def test_reaxff_kernel_derivatives_written_out_equal_finite_differences():
+    """The taper's and the shielding's derivatives are written out (custom JVPs): first and second
+    derivatives in r and the derivative in γ equal central differences of the kernel, inside the
+    cutoff and across it."""
+    kernel = qu.ReaxFF(cutoff=6.0)
+    params = qu.Params.from_dict(
+        {"name": "t", "elements": {"Na": {"chi": 2.8, "hardness": 9.0, "gamma": 0.6}, "Cl": {"chi": 8.6, "hardness": 12.0, "gamma": 0.7}}}
+    )
+
+    def k(r, gamma):
+        return kernel.coupling(dataclasses.replace(params, gamma=gamma), 0, 1, r)
+
+    gamma = jnp.asarray(params.gamma)
+    h = 1e-4
+    for r in (0.7, 2.5, 5.9, 6.0 + 1e-3):
+        d1 = jax.grad(k)(r, gamma)
+        fd1 = (k(r + h, gamma) - k(r - h, gamma)) / (2 * h)
+        assert abs(float(d1 - fd1)) < 1e-8 * max(1.0, abs(float(fd1)))
+        d2 = jax.grad(jax.grad(k))(r, gamma)
+        fd2 = (jax.grad(k)(r + h, gamma) - jax.grad(k)(r - h, gamma)) / (2 * h)
+        assert abs(float(d2 - fd2)) < 1e-7
+        dg = jax.grad(k, argnums=1)(r, gamma)
+        for e in range(2):
+            step = jnp.zeros(2).at[e].set(h)
+            fdg = (k(r, gamma + step) - k(r, gamma - step)) / (2 * h)
+            assert abs(float(dg[e] - fdg)) < 1e-8
+    assert float(jax.grad(k)(6.5, gamma)) == 0.0
