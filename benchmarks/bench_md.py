@@ -3,8 +3,8 @@
 Two periodic systems, each 10 ps of NVE from the same start (same positions, same momenta):
 
 - NaCl melt: 64 atoms of rock salt (a = 5.64 Å), reaxff kernel with r_c = 8 Å over a jax-md
-  neighbour list, the salt parameters of ``tests/test_md.py`` (Born–Mayer Na–Cl), started at
-  3000 K so that it melts (dt = 2 fs).
+  neighbour list, the salt parameters of ``tests/test_md.py`` with Born–Mayer repulsion between
+  all ion pairs, started at 2500 K so that it melts (dt = 2 fs).
 - Water box: 27 waters (81 atoms, 9.3 Å cell, about 1 g/cm³), relaxed with FIRE from random
   orientations, ``demo-nacl-water``, gaussian kernel with Ewald/PME (accuracy 1e-5, real-space
   cutoff 5 Å) over a neighbour list, started at 300 K (dt = 0.5 fs).
@@ -52,7 +52,11 @@ SALT = qu.Params.from_dict(
     {
         "name": "salt",
         "elements": {"Na": {"chi": 2.84, "hardness": 9.0, "gamma": 0.60}, "Cl": {"chi": 8.56, "hardness": 12.0, "gamma": 0.65}},
-        "pairs": {"Cl-Na": {"born_mayer": {"A": 300.0, "rho": 0.32}}},
+        "pairs": {
+            "Cl-Na": {"born_mayer": {"A": 300.0, "rho": 0.32}},
+            "Na-Na": {"born_mayer": {"A": 200.0, "rho": 0.32}},
+            "Cl-Cl": {"born_mayer": {"A": 200.0, "rho": 0.32}},
+        },
     }
 )
 
@@ -76,7 +80,7 @@ def systems():
     water.calc = QEqCalculator(params="demo-nacl-water", kernel="gaussian", solver="exact", gradient="implicit")
     FIRE(water, logfile=None).run(fmax=0.05, steps=400)  # random orientations put H atoms too close
     return [
-        ("NaCl melt (64 atoms)", salt, SALT, qu.ReaxFF(cutoff=8.0), 2.0, 3000.0),
+        ("NaCl melt (64 atoms)", salt, SALT, qu.ReaxFF(cutoff=8.0), 2.0, 2500.0),
         ("water box (81 atoms)", water, qu.load_params("demo-nacl-water"), qu.Gaussian(cutoff=5.0, accuracy=1e-5), 0.5, 300.0),
     ]
 
