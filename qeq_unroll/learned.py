@@ -4,15 +4,16 @@ Krylov optimality says K steps of CG are already the best K-step polynomial meth
 start and preconditioner, so what is learned here is what CG takes as given, plus the step sizes
 and momenta of the gradient families:
 
-- a starting guess q0(R): the diagonal-model start plus pairwise charge transfer
+- a starting guess q0(R): the minimiser on the constraint plane of the model energy
+  χᵀq + ½ qᵀM₁⁻¹q (M₁ the one-level preconditioner below) plus pairwise charge transfer
   Σ_j t_{ab}(r_ij), t_{ab} = −t_{ba} a radial expansion per element pair within ``cutoff`` (Å),
-  then projected back onto the charge constraints;
-- a preconditioner M = D^(-1/2) [(E + B)(E + B)ᵀ + L_W] D^(-1/2), E a positive per-element
+  projected onto the constraint tangent;
+- a one-level preconditioner M₁ = D^(-1/2) [(E + B)(E + B)ᵀ + L_W] D^(-1/2), E a positive per-element
   diagonal and B a radial expansion per element pair within ``cutoff``, every row of B scaled
   below 0.9 of its diagonal (so E + B is strictly diagonally dominant, hence invertible), and
   L_W = Σ_{i<j} w_ij (e_i − e_j)(e_i − e_j)ᵀ the graph Laplacian of non-negative pair weights
   w_ij (a radial expansion with non-negative coefficients): positive semi-definite, it lengthens
-  the steps along charge transfer between near atoms, the soft modes of a molecule. M is SPD by
+  the steps along charge transfer between near atoms, the soft modes of a molecule. M₁ is SPD by
   construction;
 - optionally a coarse level (``coarse_centres``: element symbols): every atom of those elements is
   the centre of an aggregate; the other atoms join the centres within ``cutoff`` with the smooth
@@ -22,7 +23,7 @@ and momenta of the gradient families:
   M = (I − Q H) M₁ (I − H Q) + σ Q, Q = P A_c⁻¹ Pᵀ, M₁ the one-level preconditioner above and
   σ > 0 learned (SPD for every SPD M₁; the coarse modes get the eigenvalue σ), and the start is
   corrected by the exact solve on the coarse space (charge constraints kept). The coarse level
-  takes the long-wavelength modes (charge moving between aggregates) that a short-range G Gᵀ
+  takes the long-wavelength modes (charge moving between aggregates) that a short-range M₁
   cannot reach. Costs: setup N_c products with H (H P), a Cholesky of A_c; per iteration four
   products with P or H P and two triangular solves with A_c;
 - per-iteration step sizes (GD: (0, 1.9)/L̂, NAG: (0, 1)/L̂) and momenta (NAG: (0, 1)), with L̂ the
