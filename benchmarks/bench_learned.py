@@ -93,7 +93,7 @@ def timings(solver, problem, repeats=41, loop=16):
     def iterate(p, pre, state):
         return lax.fori_loop(0, loop, lambda k, st: solver.step(p, pre, st, k % solver.n_steps)[0], state)
 
-    pre, state = jax.jit(setup)(problem)
+    pre, state = jax.jit(setup)(problem)  # passed into jit again: arrays only
     return (
         _median_ms(jax.jit(setup), problem, repeats=repeats),
         _median_ms(jax.jit(iterate), problem, pre, state, repeats=repeats) / loop,

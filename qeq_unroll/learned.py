@@ -172,15 +172,15 @@ def _pair_expansion(table, problem, cutoff):
 
 class Coarse(NamedTuple):
     """The coarse level of one structure: aggregate weights ``p`` (N, N_c), ``hp`` = H P (eV/e²)
-    and the Cholesky factor of A_c = Pᵀ H P."""
+    and ``chol``, the lower Cholesky factor of A_c = Pᵀ H P (arrays only: a jit argument)."""
 
     p: jax.Array
     hp: jax.Array
-    factor: tuple
+    chol: jax.Array
 
     def solve(self, v):
         """A_c⁻¹ v."""
-        return jax.scipy.linalg.cho_solve(self.factor, v)
+        return jax.scipy.linalg.cho_solve((self.chol, True), v)
 
 
 def coarse_level(lp: LearnedSolverParams, problem):
@@ -207,7 +207,7 @@ def coarse_level(lp: LearnedSolverParams, problem):
     hp = jax.vmap(problem.hardness.matvec, in_axes=1, out_axes=1)(p)
     a = p.T @ hp
     a = 0.5 * (a + a.T) + jnp.diag(jnp.where(valid, 0.0, 1.0))
-    return Coarse(p, hp, jax.scipy.linalg.cho_factor(a, lower=True))
+    return Coarse(p, hp, jnp.linalg.cholesky(a))
 
 
 @dataclasses.dataclass(frozen=True)

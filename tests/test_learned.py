@@ -108,8 +108,8 @@ def test_coarse_level_and_start():
     assert np.all(sums <= 1.0 + 1e-12) and np.all(sums > 0.9) and np.all(used >= 0)
     assert np.all(p[:, len(cl):] == 0) and np.all(p[~real] == 0)
     h = np.asarray(problem.hardness.dense())
-    a = np.asarray(coarse.factor[0])
-    a = np.tril(a) @ np.tril(a).T
+    a = np.asarray(coarse.chol)
+    a = a @ a.T
     np.testing.assert_allclose(a[: len(cl), : len(cl)], used.T @ h @ used, rtol=1e-10)
     q0 = np.asarray(LearnedStart(lp)(problem))
     g = used.T @ (h @ q0 + np.asarray(problem.chi))
