@@ -33,6 +33,9 @@ def add_train_solver(subparsers) -> None:
     p.add_argument("--local-cutoff", type=float, default=6.0,
                    help="range in Å of the learned start and preconditioner (default 6)")
     p.add_argument("--basis", type=int, default=8, help="radial basis functions per element pair (default 8)")
+    p.add_argument("--coarse-centres", default="",
+                   help="comma-separated elements whose atoms centre the aggregates of a coarse level "
+                   "(e.g. O for water; default: no coarse level)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="solver file to write (JSON)")
     p.set_defaults(func=run_train_solver)
@@ -68,7 +71,9 @@ def run_train_solver(args) -> int:
     systems = systems_from_atoms(frames, params)
     for s in systems:
         params.require(kernel.required, np.asarray(s.species)[np.asarray(s.mask)])
-    lp = init_learned(args.family, args.iterations, kernel.name, params.elements, args.local_cutoff, args.basis)
+    centres = tuple(c.strip() for c in args.coarse_centres.split(",") if c.strip())
+    lp = init_learned(args.family, args.iterations, kernel.name, params.elements, args.local_cutoff, args.basis,
+                      coarse_centres=centres)
     with tqdm(total=args.steps, desc=f"train {args.family} K={args.iterations}", unit="step") as bar:
 
         def progress(step, value):

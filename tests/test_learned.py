@@ -12,8 +12,11 @@ from qeq_unroll.energy import qeq_problem
 from qeq_unroll.errors import QEqInputError
 from qeq_unroll.learned import (
     LearnedPreconditioner,
+    LearnedSolverParams,
     LearnedStart,
+    _apply_m,
     check_compatible,
+    coarse_level,
     init_learned,
     learned_solver,
     load_learned,
@@ -40,16 +43,19 @@ def cluster(n, seed, strain=1.0, rattle=0.12):
 
 
 def random_learned(family, seed=0, scale=0.3):
-    """Learned parameters with every part switched on (random, not trained)."""
-    lp = init_learned(family, 4, "gaussian", PARAMS.elements, cutoff=5.0, n_basis=4)
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    """Learned parameters with every part switched on (random, not trained), Cl-centred aggregates."""
+    lp = init_learned(family, 4, "gaussian", PARAMS.elements, cutoff=5.0, n_basis=4, coarse_centres=("Cl",))
+    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
     return dataclasses.replace(
         lp,
         start=scale * jax.random.normal(keys[0], lp.start.shape),
         precond=scale * jax.random.normal(keys[1], lp.precond.shape),
         precond_diag=scale * jax.random.normal(keys[2], lp.precond_diag.shape),
+        transfer=1.0 + scale * jax.random.normal(keys[5], lp.transfer.shape),
         steps=lp.steps + scale * jax.random.normal(keys[3], lp.steps.shape),
         momenta=lp.momenta + scale * jax.random.normal(keys[4], lp.momenta.shape),
+        coarse=lp.coarse + scale * jax.random.normal(keys[6], lp.coarse.shape),
+        coarse_scale=scale * jax.random.normal(keys[7], ()),
     )
 
 
@@ -62,35 +68,68 @@ def test_learned_forces_are_exact_derivative(family):
     assert abs(float(jnp.sum(aux["charges"]))) < 1e-12
 
 
-def test_preconditioner_is_spd_and_keeps_the_plane():
-    lp = random_learned("cg", seed=3, scale=3.0)  # large entries: SPD must hold by construction
+@pytest.mark.parametrize("centres", [(), ("Cl",)])
+def test_preconditioner_is_spd_and_keeps_the_plane(centres):
+    lp = dataclasses.replace(random_learned("cg", seed=3, scale=3.0), coarse_centres=centres)  # large entries
     system = cluster(20, seed=2)
     frags = np.r_[np.zeros(10, int), np.ones(10, int)]
     system = qu.make_system(system.positions[:20], system.species[:20], fragments=frags, fragment_charges=[1.0, -1.0])
     problem = qeq_problem(KERNEL, PARAMS, system)
     pre = LearnedPreconditioner(lp)
-    g, u, s_inv = pre.setup(problem)
-    m = np.asarray(g @ g.T)
-    assert np.allclose(m, m.T) and np.linalg.eigvalsh(m).min() > 0
+    setup = pre.setup(problem)
+    fine, coarse, sigma = setup[:3]
+    assert (coarse is None) == (not centres)
+    m = np.asarray(jax.vmap(lambda v: _apply_m(fine, coarse, sigma, v), in_axes=1, out_axes=1)(jnp.eye(20)))
+    np.testing.assert_allclose(m, m.T, atol=1e-12 * np.abs(m).max())
+    assert np.linalg.eigvalsh(0.5 * (m + m.T)).min() > 0
     r = jax.random.normal(jax.random.PRNGKey(0), (20,))
-    z = pre.apply((g, u, s_inv), r, problem)
+    z = pre.apply(setup, r, problem)
     np.testing.assert_allclose(np.bincount(frags, weights=np.asarray(z)), 0.0, atol=1e-12)
     q0 = LearnedStart(lp)(problem)
     np.testing.assert_allclose(np.bincount(frags, weights=np.asarray(q0)), [1.0, -1.0], atol=1e-12)
+
+
+def test_coarse_level_and_start():
+    """Aggregates: each Cl centre belongs to itself only, every Na's weights sum to at most 1 (1 up
+    to the 1e-9 regulariser of the normalisation); A_c = Pᵀ H P;
+    the start is the exact minimiser over q0 + P y on the plane: Pᵀ∇E lies in span(Pᵀ C), so a
+    coarse move that keeps the charge sum cannot lower the energy."""
+    lp = random_learned("cg", seed=5)
+    system = cluster(16, seed=3)
+    problem = qeq_problem(KERNEL, PARAMS, system)
+    coarse = coarse_level(lp, problem)
+    p = np.asarray(coarse.p)
+    species = np.asarray(system.species)
+    real = np.asarray(system.mask)
+    cl = np.flatnonzero(real & (species == PARAMS.elements.index("Cl")))
+    used = p[:, : len(cl)]
+    np.testing.assert_array_equal(used[cl], np.eye(len(cl)))
+    sums = used[real].sum(axis=1)
+    assert np.all(sums <= 1.0 + 1e-12) and np.all(sums > 0.9) and np.all(used >= 0)
+    assert np.all(p[:, len(cl):] == 0) and np.all(p[~real] == 0)
+    h = np.asarray(problem.hardness.dense())
+    a = np.asarray(coarse.chol)
+    a = a @ a.T
+    np.testing.assert_allclose(a[: len(cl), : len(cl)], used.T @ h @ used, rtol=1e-10)
+    q0 = np.asarray(LearnedStart(lp)(problem))
+    g = used.T @ (h @ q0 + np.asarray(problem.chi))
+    ones = used.sum(axis=0)
+    np.testing.assert_allclose(g - ones * (ones @ g) / (ones @ ones), 0.0, atol=1e-9 * np.abs(g).max())
 
 
 @pytest.fixture(scope="module")
 def trained():
     """A learned CG (K = 4) trained briefly on small clusters."""
     systems = [cluster(n, seed) for n in (12, 16, 20, 24) for seed in range(2)]
-    lp0 = init_learned("cg", 4, "gaussian", PARAMS.elements, cutoff=5.0, n_basis=4)
-    lp, history = train_solver(lp0, PARAMS, systems, KERNEL, qu.COULOMB_CONSTANT, steps=150, learning_rate=2e-2)
+    lp0 = init_learned("cg", 4, "gaussian", PARAMS.elements, cutoff=5.0, n_basis=4, coarse_centres=("Cl",))
+    lp, history = train_solver(lp0, PARAMS, systems, KERNEL, qu.COULOMB_CONSTANT, steps=150, learning_rate=5e-2)
     return lp0, lp, history
 
 
 def errors(lp, system):
     ref = jax.jit(qu.energy_and_forces(qu.qeq_energy(KERNEL, qu.Exact(), "implicit")))(PARAMS, system)
-    return solve_errors(lp, PARAMS, system, (ref[0], ref[1], ref[2]["charges"]), KERNEL, qu.COULOMB_CONSTANT)
+    f = jax.jit(lambda lp, system, ref: solve_errors(lp, PARAMS, system, ref, KERNEL, qu.COULOMB_CONSTANT))
+    return f(lp, system, (ref[0], ref[1], ref[2]["charges"]))
 
 
 def test_training_improves_held_out_larger_structures(trained):
@@ -107,10 +146,10 @@ def test_trained_solver_does_not_diverge_far_from_training(trained, strain, n):
     starting guess (and finite)."""
     _, lp, _ = trained
     system = cluster(n, seed=4, strain=strain)
-    problem = qeq_problem(KERNEL, PARAMS, system)
-    q_exact, _ = qu.Exact().run(problem)
-    q_start = LearnedStart(lp)(problem)
-    q_k, _ = learned_solver(lp).run(problem)
+    problem = jax.jit(lambda s: qeq_problem(KERNEL, PARAMS, s))(system)
+    q_exact, _ = jax.jit(qu.Exact().run)(problem)
+    q_start = jax.jit(lambda p: LearnedStart(lp)(p))(problem)
+    q_k, _ = jax.jit(lambda p: learned_solver(lp).run(p))(problem)
     assert np.all(np.isfinite(np.asarray(q_k)))
     assert float(jnp.linalg.norm(q_k - q_exact)) <= float(jnp.linalg.norm(q_start - q_exact))
 
@@ -121,6 +160,9 @@ def test_solver_file_round_trip_and_mismatches(tmp_path, trained):
     save_learned(lp, path)
     again = load_learned(path)
     assert again.to_dict() == lp.to_dict()
+    old = {k: v for k, v in lp.to_dict().items() if k not in ("transfer", "coarse", "coarse_scale", "coarse_centres")}
+    older = LearnedSolverParams.from_dict(old)  # a file from before the coarse level
+    assert older.coarse_centres == () and float(jnp.max(jax.nn.softplus(older.transfer))) < 1e-12
     check_compatible(again, "gaussian", PARAMS.elements, 4)
     with pytest.raises(QEqInputError, match="kernel 'gaussian', not 'reaxff'"):
         check_compatible(again, "reaxff", PARAMS.elements)
@@ -132,6 +174,8 @@ def test_solver_file_round_trip_and_mismatches(tmp_path, trained):
         qu.get_solver("learned")
     with pytest.raises(QEqInputError, match="unknown learned solver family"):
         init_learned("adam", 4, "gaussian", PARAMS.elements)
+    with pytest.raises(QEqInputError, match="coarse centres"):
+        init_learned("cg", 4, "gaussian", PARAMS.elements, coarse_centres=("Xe",))
 
 
 def test_calculator_runs_a_solver_file(tmp_path, trained):
@@ -145,7 +189,7 @@ def test_calculator_runs_a_solver_file(tmp_path, trained):
     atoms = Atoms(["Na"] * 8 + ["Cl"] * 8, positions=np.asarray(system.positions[:16]))
     atoms.calc = QEqCalculator(params="demo-nacl-water", solver="learned", solver_params=str(path))
     e = atoms.get_potential_energy()
-    e_ref, _, _ = qu.energy_and_forces(qu.qeq_energy(KERNEL, learned_solver(lp), "unrolled"))(PARAMS, system)
+    e_ref, _, _ = jax.jit(qu.energy_and_forces(qu.qeq_energy(KERNEL, learned_solver(lp), "unrolled")))(PARAMS, system)
     assert abs(e - float(e_ref)) < 1e-10
     assert atoms.calc.results["qeq_iterations"] <= 4
     with pytest.raises(QEqInputError, match="kernel 'gaussian', not 'reaxff'"):
