@@ -176,7 +176,11 @@ def main(argv=None):
         f"{minutes:.0f} min; no GPU was available for this run). {args.ps:g} ps of NVE per setting from the same "
         "positions and momenta; drift = least-squares slope of E_tot(t); cost per step relative to the converged "
         "solve (CG tol 1e-10, implicit) in the same run (the machine is a shared 2-core CPU: absolute ms move with its load). Plot: "
-        "`benchmarks/md_conservation.png`.",
+        "`benchmarks/md_conservation.png`. Unrolled and XL forces are the exact derivative of their own energy "
+        "surface, but a K-step surface can be stiffer than the converged one where the solve is far from converged "
+        "(close contacts in the hot melt): steps in E_tot there are velocity-Verlet error at this dt, as are the "
+        "spikes of the converged run. In the water box the steep H–H repulsion at 0.5 fs limits every setting, "
+        "the converged solve included.",
         "",
     ]
     for name, n, dt_fs, runs in results:
