@@ -89,7 +89,7 @@ def gpu_rows(sizes, repeats):
             ms = 1e3 * median_time(lambda: jax.block_until_ready(evaluate(params, system, nbrs)), repeats)
             md_energy = qu.qeq_energy(qu.ReaxFF(cutoff=CUTOFF), qu.CG(iterations=4), "unrolled", KE)
             settings = md.Settings(steps=200, dt_fs=2.0, temperature_K=300.0, report_every=20, block=5)
-            start, t_first = time.perf_counter(), None
+            t_first = None
             for i, _ in enumerate(md.run(settings, md_energy, params, system, MASSES[kinds], layout="list")):
                 if i == 1:
                     t_first = time.perf_counter()

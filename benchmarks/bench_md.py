@@ -94,7 +94,6 @@ def run_one(atoms, params, kernel, solver, gradient, charges, dt_fs, steps, temp
     block = 20
     settings = md.Settings(steps=steps, dt_fs=dt_fs, temperature_K=temperature, charges=charges,
                            report_every=report_every, block=block, seed=11, max_energy_change=1.0)
-    start = time.perf_counter()
     records, compiled = [], None
     try:
         layout = "list" if atoms.pbc.any() else "auto"

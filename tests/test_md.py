@@ -152,6 +152,7 @@ def test_cli_style_run_writes_frames_and_report(cluster, tmp_path):
     calc = QEqCalculator(params="demo-nacl-water", kernel="gaussian", solver="cg", iterations=3)
     info = run_md(atoms, calc, md.Settings(steps=100, dt_fs=1.0, temperature_K=300.0, report_every=10, block=5),
                   out=tmp_path / "md.xyz", report=tmp_path / "md.json", progress=False)
+    assert info["steps_done"] == 100 and info["n_atoms"] == len(atoms)
     frames = ase.io.read(tmp_path / "md.xyz", index=":")
     assert [f.info["step"] for f in frames] == list(range(0, 101, 10))
     # a frame's energy is the calculator's at its positions, and its charges sum to zero
