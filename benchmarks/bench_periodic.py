@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import qeq_unroll as qu  # noqa: E402
 from lammps_helpers import _fix_scalar, import_lammps  # noqa: E402
+from test_periodic import rock_salt  # noqa: E402  (the structure of the LAMMPS parity tests)
 from qeq_unroll.lammps_io import write_lammps_qeq  # noqa: E402
 from results import RESULTS, write_section  # noqa: E402
 
@@ -71,16 +72,6 @@ PARAMS = qu.Params.from_dict(
         },
     }
 )
-
-
-def rock_salt(reps, a=5.64, rattle=0.1, seed=0):
-    basis = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0], [.5, 0, 0], [0, .5, 0], [0, 0, .5], [.5, .5, .5]])
-    kinds = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    grid = np.stack(np.meshgrid(*[np.arange(reps)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    frac = (grid[:, None, :] + basis[None]).reshape(-1, 3) / reps
-    cell = np.eye(3) * a * reps
-    pos = frac @ cell + np.random.default_rng(seed).normal(0.0, rattle, (len(frac), 3))
-    return pos, np.tile(kinds, len(grid)), cell
 
 
 def median_time(fn, repeats):

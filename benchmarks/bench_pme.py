@@ -26,26 +26,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
-# one thread: set before JAX starts
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-if hasattr(os, "sched_setaffinity"):
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+# bench_periodic pins this process to one core and XLA to one thread before JAX starts
+from bench_periodic import exponent, median_time, rock_salt  # noqa: I001
 
 import jax  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)
-
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import qeq_unroll as qu  # noqa: E402
-from bench_periodic import exponent, median_time, rock_salt  # noqa: E402
 from results import RESULTS, write_section  # noqa: E402
 
 ACCURACY = 1e-6

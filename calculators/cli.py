@@ -99,9 +99,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import jax
 
-    jax.config.update("jax_enable_x64", True)  # the command line works in float64
     try:
-        return int(args.func(args) or 0)
+        with jax.enable_x64(True):  # the command works in float64; the process-wide setting is left alone
+            return int(args.func(args) or 0)
     except (QEqInputError, QEqConvergenceError) as exc:
         print(f"qeq-unroll {args.command}: error: {exc}", file=sys.stderr)
         return 2
