@@ -36,7 +36,7 @@ KERNEL = qu.ReaxFF(cutoff=10.0)
 KE = qu.LAMMPS_COULOMB_CONSTANT
 KS = (1, 2, 3, 4, 6, 8, 12, 16)
 LOCAL = dict(cutoff=6.0, n_basis=8, coarse_centres=("O",))  # learned parts: range (Å), basis, aggregates
-LEARNING_RATE = 0.2
+LEARNING_RATE = 0.05
 
 
 def clusters(sizes, seeds, spacing):
@@ -218,7 +218,7 @@ def main(argv=None):
     n_test = [int(np.sum(s.mask)) for s in test]
     lines = [
         f"Water clusters, reaxff kernel (cutoff 10 Å, k_e = 14.4), `demo-nacl-water` set, mean O-O spacing "
-        f"{args.spacing} Å. Learned parts (start, one-level preconditioner G Gᵀ + Laplacian, coarse level of "
+        f"{args.spacing} Å. Learned parts (start with one smoothing step, one-level preconditioner G Gᵀ + Laplacian, coarse level of "
         f"O-centred aggregates, steps/momenta; local range 6 Å, 8 radial functions; Adam, learning rate "
         f"{LEARNING_RATE}) trained on 30 clusters of 6-20 molecules ({args.steps} Adam steps per solver, "
         f"{train_time:.0f} s for all five); evaluated on 6 held-out clusters of 32 and 48 molecules "

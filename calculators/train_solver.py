@@ -29,7 +29,7 @@ def add_train_solver(subparsers) -> None:
     p.add_argument("--objective", choices=("charges", "energy", "forces"), default="charges",
                    help="error minimised against the exact solve (default charges)")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
-    p.add_argument("--lr", type=float, default=2e-2, help="initial Adam learning rate (default 0.02)")
+    p.add_argument("--lr", type=float, default=5e-2, help="initial Adam learning rate (default 0.05)")
     p.add_argument("--local-cutoff", type=float, default=6.0,
                    help="range in Å of the learned start and preconditioner (default 6)")
     p.add_argument("--basis", type=int, default=8, help="radial basis functions per element pair (default 8)")

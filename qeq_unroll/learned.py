@@ -22,7 +22,9 @@ and momenta of the gradient families:
   full column rank), the preconditioner becomes the balanced two-level one
   M = (I − Q H) M₁ (I − H Q) + σ Q, Q = P A_c⁻¹ Pᵀ, M₁ the one-level preconditioner above and
   σ > 0 learned (SPD for every SPD M₁; the coarse modes get the eigenvalue σ), and the start is
-  corrected by the exact solve on the coarse space (charge constraints kept). The coarse level
+  corrected by the exact solve on the coarse space (charge constraints kept), then by one
+  smoothing step ω M r along the preconditioned residual r = −(H q + χ) (ω > 0 learned; r costs no
+  product with H, since H P is known), so the start also answers the field of far atoms. The coarse level
   takes the long-wavelength modes (charge moving between aggregates) that a short-range M₁
   cannot reach. Costs: setup N_c products with H (H P), a Cholesky of A_c; per iteration four
   products with P or H P and two triangular solves with A_c;
@@ -55,7 +57,7 @@ from .solvers import CG, GD, NAG, tangent
 
 FAMILIES = ("gd", "nag", "cg")
 _ROW_BOUND = 0.9
-_ARRAYS = ("start", "precond", "precond_diag", "transfer", "steps", "momenta", "coarse", "coarse_scale")
+_ARRAYS = ("start", "precond", "precond_diag", "transfer", "steps", "momenta", "coarse", "coarse_scale", "smoothing")
 _OFF = -30.0  # softplus(_OFF) ≈ 1e-13: a Laplacian weight switched off
 
 
@@ -66,6 +68,7 @@ class LearnedSolverParams:
     Laplacian pair weights; steps, momenta (K,): raw per-iteration values; coarse
     (E, E): raw sharpness of the aggregate weights (β = softplus, 1/Å²) of an atom of element a
     joining a centre of element b; coarse_scale (): log of σ, the weight of the coarse part;
+    smoothing (): raw step ω = softplus(smoothing) of the start's smoothing step (coarse level only);
     coarse_centres: element symbols whose atoms are centres (empty:
     no coarse level)."""
 
@@ -77,6 +80,7 @@ class LearnedSolverParams:
     momenta: jax.Array
     coarse: jax.Array
     coarse_scale: jax.Array
+    smoothing: jax.Array
     family: str = "cg"
     iterations: int = 4
     kernel: str = "gaussian"
@@ -101,7 +105,7 @@ class LearnedSolverParams:
         e = len(data["elements"])
         nb = np.shape(data["start"])[-1]
         # files written before the Laplacian term and the coarse level
-        data = {"coarse": np.zeros((e, e)), "coarse_scale": 0.0, "transfer": np.full((e, e, nb), _OFF), **data}
+        data = {"coarse": np.zeros((e, e)), "coarse_scale": 0.0, "transfer": np.full((e, e, nb), _OFF), "smoothing": _OFF, **data}
         arrays = {k: jnp.asarray(np.asarray(data[k], dtype=float)) for k in _ARRAYS}
         return cls(
             family=str(data["family"]),
@@ -124,7 +128,8 @@ jax.tree_util.register_dataclass(
 def init_learned(family, iterations, kernel, elements, cutoff=4.0, n_basis=4, dtype=None, coarse_centres=()):
     """Untrained parameters: no charge transfer, Jacobi preconditioner (Laplacian weights
     softplus(−6) ≈ 0.0025 per basis function), default steps/momenta,
-    aggregate weights exp(−r²/Å²) (a coarse level only if ``coarse_centres`` names elements)."""
+    aggregate weights exp(−r²/Å²) (a coarse level only if ``coarse_centres`` names elements),
+    smoothing step ω = ln 2."""
     if family not in FAMILIES:
         raise QEqInputError(f"unknown learned solver family '{family}' (valid: {', '.join(FAMILIES)})")
     unknown = [c for c in coarse_centres if c not in elements]
@@ -146,6 +151,7 @@ def init_learned(family, iterations, kernel, elements, cutoff=4.0, n_basis=4, dt
         momenta=jnp.asarray(momenta0, dtype),
         coarse=jnp.full((e, e), float(np.log(np.expm1(1.0))), dtype),
         coarse_scale=jnp.zeros((), dtype),
+        smoothing=jnp.zeros((), dtype),
         family=family,
         iterations=k,
         kernel=kernel,
@@ -216,7 +222,8 @@ class LearnedStart:
     one-level preconditioner; with M₁ = D⁻¹ the diagonal-model start) + antisymmetric pairwise
     charge transfer, on the constraint plane;
     with a coarse level, then the exact minimiser of the energy over q0 + P y with every fragment
-    sum kept (one H product and a few coarse solves)."""
+    sum kept (one H product and a few coarse solves), then one step ω z along the preconditioned
+    residual z of that point (no further H product: H P y comes from the coarse level)."""
 
     params: LearnedSolverParams
 
@@ -233,12 +240,16 @@ class LearnedStart:
         if coarse is None:
             return q
         cp = c.T @ coarse.p  # (F, N_c)
-        a = coarse.solve(-coarse.p.T @ (problem.hardness.matvec(q) + problem.chi))
+        gradient = problem.hardness.matvec(q) + problem.chi
+        a = coarse.solve(-coarse.p.T @ gradient)
         b = coarse.solve(cp.T)
         s = cp @ b
         s = s + jnp.diag(jnp.where(jnp.diag(s) > 0, 0.0, 1.0))  # a fragment without aggregates
         y = a - b @ jnp.linalg.solve(s, cp @ a)
-        return q + coarse.p @ y
+        residual = -(gradient + coarse.hp @ y)  # −(H q + χ) at q + P y, without a product with H
+        pre = LearnedPreconditioner(self.params)
+        smooth = jax.nn.softplus(self.params.smoothing) * pre.apply(pre.setup(problem), residual, problem)
+        return q + coarse.p @ y + smooth
 
 
 @dataclasses.dataclass(frozen=True)
