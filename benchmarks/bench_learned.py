@@ -246,7 +246,7 @@ def main(argv=None):
         s = sens.get(name.split()[-1].lower(), None) if name.startswith("learned") else None
         products = "7 (H; G, Gᵀ, W; coarse)" if name.startswith("learned") else "1 (H)"
         lines.append(f"| {name} | {forces[name]:.1e} | {products} | {setup_ms:.3f} | {per_it:.3f} | {k4:.3f} | "
-                     f"{'' if s is None else f'{s:.2f}'} |")
+                     f"{'' if s is None else f'{s:.1e}'} |")
     n_big = int(np.sum(big.mask))
     lines += [
         "",
