@@ -42,13 +42,14 @@ class Pairs(NamedTuple):
         return species[None, :], species[self.neighbors]
 
 
-def slot_sum(term, slots):
-    """Σ_m term(m) for m < ``slots`` (≥ 1): a sum over the slots of a slot-major list, ``term(m)``
-    a pytree of arrays computed from row m. It runs as a loop of vector updates, which XLA fuses
-    into one pass over the list per step; a reduction over the slot axis of a materialised
-    (M, N) array is many times slower on CPU."""
-    add = lambda m, acc: jax.tree_util.tree_map(jnp.add, acc, term(m))  # noqa: E731
-    return jax.lax.fori_loop(1, slots, add, term(0))
+def slot_sum(term, slots, combine=jnp.add):
+    """Σ_m term(m) for m < ``slots`` (≥ 1), or another elementwise ``combine`` (``jnp.minimum``):
+    a reduction over the slots of a slot-major list, ``term(m)`` a pytree of arrays computed from
+    row m. It runs as a loop of vector updates, which XLA fuses into one pass over the list per
+    step; a reduction over the slot axis of a materialised (M, N) array is many times slower on
+    CPU."""
+    step = lambda m, acc: jax.tree_util.tree_map(combine, acc, term(m))  # noqa: E731
+    return jax.lax.fori_loop(1, slots, step, term(0))
 
 
 def dense_pairs(system):
@@ -138,16 +139,20 @@ def _list_distances_bwd(cutoff, res, cotangents):
         d = _pair_components(x, cell, j[m], shifts[m])
         w = jnp.where(mask[m], g[m], 0.0) / r[m]  # ḡ / r, so that ḡ r̂ = w d
         n = shifts[m].astype(w.dtype)
-        return jnp.stack([w * dk for dk in d]), jnp.stack([jnp.stack([w * dk * n[a] for dk in d]) for a in range(3)])
+        return tuple(w * dk for dk in d), tuple(tuple(w * dk * n[a] for dk in d) for a in range(3))
 
     wd, wdn = slot_sum(slot, j.shape[0])
     # slot (m, i) moves r_mi by −r̂ per unit of x_i; its mirror (j → i) by the same amount
-    return -2.0 * wd.T, jnp.sum(wdn, axis=-1), None, None, None
+    xbar = -2.0 * jnp.stack(wd, axis=1)
+    return xbar, jnp.stack([jnp.stack([jnp.sum(v) for v in row]) for row in wdn]), None, None, None
 
 
 _list_distances.defvjp(_list_distances_fwd, _list_distances_bwd)
 
 
-def min_distance(r, pair_mask):
-    """Shortest real pair distance in Å (inf with fewer than two atoms)."""
-    return jnp.min(jnp.where(pair_mask, r, jnp.inf))
+def min_distance(pairs):
+    """Shortest real pair distance of a ``Pairs`` in Å (inf with fewer than two atoms)."""
+    nearest = lambda m: jnp.where(pairs.mask[m], pairs.r[m], jnp.inf)  # noqa: E731
+    if pairs.neighbors is None:
+        return jnp.min(nearest(Ellipsis))
+    return jnp.min(slot_sum(nearest, pairs.r.shape[0], jnp.minimum))
