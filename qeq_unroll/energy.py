@@ -150,7 +150,7 @@ def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_cons
             charges=q,
             e_qeq=e_qeq,
             e_short=e_short,
-            min_distance=jax.lax.stop_gradient(min_distance(pairs.r, pairs.mask)),
+            min_distance=jax.lax.stop_gradient(min_distance(pairs)),
             neighbors_overflow=overflow,
             **diagnostics._asdict(),
         )

@@ -3,9 +3,9 @@
 - free space, all pairs: ``r`` (N, N);
 - periodic, dense all-images (small cells): ``r`` (S, N, N), one slab per lattice translation n_s,
   r[s, i, j] = |x_j + n_s A − x_i|; an atom's own images (i = j, n_s ≠ 0) are pairs too;
-- periodic or not, neighbour list: ``r`` (N, M), the distance from atom i to its m-th neighbour
-  ``neighbors[i, m]`` (an atom index; its image is found by the minimum-image rule of the list's
-  replicated cell, see ``neighbors``).
+- periodic or not, neighbour list: ``r`` (M, N), slot-major: the distance from atom i to the
+  neighbour in its slot m, ``neighbors[m, i]`` (an atom index; its image is found by the
+  minimum-image rule of the list's replicated cell, see ``neighbors``).
 
 Distances are made safe for differentiation: masked entries (no pair, padding, beyond the cutoff)
 get a distance of 1 Å in place of their value, so no 0/0 ever reaches a kernel or its gradient.
@@ -27,23 +27,29 @@ from .periodic import wrap
 
 class Pairs(NamedTuple):
     """r: distances in Å (safe: 1 where masked); mask: True for the pairs that count; neighbors:
-    (N, M) partner atom indices for the neighbour-list layout, None for the dense layouts."""
+    (M, N) partner atom indices for the neighbour-list layout, None for the dense layouts;
+    self_images (static): whether a list can hold an atom's own images (``neighbors[m, i] == i``)."""
 
     r: jax.Array
     mask: jax.Array
     neighbors: jax.Array | None = None
+    self_images: bool = False
 
     def species(self, species):
         """(s_i, s_j) broadcastable against ``r``."""
         if self.neighbors is None:
             return species[:, None], species[None, :]
-        return species[:, None], species[self.neighbors]
+        return species[None, :], species[self.neighbors]
 
-    def row_sum(self, values):
-        """Σ_j values_ij over the pairs of each atom i (masked entries must already be zero): (N,)."""
-        if self.neighbors is None:
-            return jnp.sum(values.reshape((-1,) + values.shape[-2:]), axis=(0, 2))
-        return jnp.sum(values, axis=1)
+
+def slot_sum(term, slots, combine=jnp.add):
+    """Σ_m term(m) for m < ``slots`` (≥ 1), or another elementwise ``combine`` (``jnp.minimum``):
+    a reduction over the slots of a slot-major list, ``term(m)`` a pytree of arrays computed from
+    row m. It runs as a loop of vector updates, which XLA fuses into one pass over the list per
+    step; a reduction over the slot axis of a materialised (M, N) array is many times slower on
+    CPU."""
+    step = lambda m, acc: jax.tree_util.tree_map(combine, acc, term(m))  # noqa: E731
+    return jax.lax.fori_loop(1, slots, step, term(0))
 
 
 def dense_pairs(system):
@@ -80,7 +86,7 @@ def image_pairs(system, shifts, cutoff):
 
 
 def list_pairs(system, nbrs, cutoff=None):
-    """Neighbour-list layout: (N, M) distances from ``nbrs`` (a ``neighbors.NeighborList``),
+    """Neighbour-list layout: (M, N) distances from ``nbrs`` (a ``neighbors.NeighborList``),
     masked to real pairs within ``cutoff`` Å (None: the list's cutoff; never more than it).
 
     Pair vectors are x_j − x_i + n A with the slot's stored lattice translation n. Coordinates
@@ -88,7 +94,7 @@ def list_pairs(system, nbrs, cutoff=None):
     derivative is a custom VJP for the symmetric list (each pair stored from both atoms) under a
     symmetric use of the distances (the two slots of a pair get equal cotangents, as every
     consumer in this package ensures: pair sums, and the hardness operator's own VJP): atom i's
-    cotangent is then −2 Σ_m ḡ_im r̂_im, a sum over its own row instead of a scatter onto partners."""
+    cotangent is then −2 Σ_m ḡ_mi r̂_mi, a sum over its own slots instead of a scatter onto partners."""
     cutoff = nbrs.cutoff if cutoff is None else cutoff
     if cutoff > nbrs.cutoff:
         raise QEqInputError(f"neighbour list cutoff {nbrs.cutoff} Å is shorter than the {cutoff} Å needed")
@@ -98,15 +104,17 @@ def list_pairs(system, nbrs, cutoff=None):
         raise QEqInputError(f"neighbour list was built for {nbrs.n_atoms} atoms, the system has {n}")
     valid = nbrs.partner < n
     j = jnp.where(valid, nbrs.partner, 0)
-    valid = valid & system.mask[:, None] & system.mask[j]
+    valid = valid & system.mask[None, :] & system.mask[j]
     cell = system.cell if system.periodic else jnp.zeros((3, 3), x.dtype)
     r, mask = _list_distances(x, cell, j, nbrs.shifts, valid, float(cutoff))
-    return Pairs(r, mask, j)
+    return Pairs(r, mask, j, nbrs.self_images)
 
 
 def _pair_components(x, cell, j, shifts):
-    n = [shifts[..., a].astype(x.dtype) for a in range(3)]
-    return [x[:, k][j] - x[:, k][:, None] + n[0] * cell[0, k] + n[1] * cell[1, k] + n[2] * cell[2, k] for k in range(3)]
+    """The three Cartesian components of the pair vectors x_j − x_i + n A (Å) for partner indices
+    ``j`` (..., N) and integer shifts ``shifts`` (..., 3, N) of a slot-major list."""
+    n = [shifts[..., a, :].astype(x.dtype) for a in range(3)]
+    return [x[:, k][j] - x[:, k] + n[0] * cell[0, k] + n[1] * cell[1, k] + n[2] * cell[2, k] for k in range(3)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -120,22 +128,31 @@ def _list_distances_fwd(x, cell, j, shifts, valid, cutoff):
     r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
     mask = valid & (r2 < cutoff * cutoff)
     r = jnp.sqrt(jnp.where(mask, r2, 1.0))
-    return (r, mask), (d, r, mask, shifts)
+    return (r, mask), (x, cell, j, shifts, r, mask)
 
 
 def _list_distances_bwd(cutoff, res, cotangents):
-    d, r, mask, shifts = res
-    w = jnp.where(mask, cotangents[0], 0.0) / r  # ḡ / r, so that ḡ r̂ = w d
-    # slot (i, m) moves r_im by −r̂ per unit of x_i; its mirror (j → i) by the same amount
-    xbar = jnp.stack([-2.0 * jnp.sum(w * dk, axis=1) for dk in d], axis=1)
-    n = [shifts[..., a].astype(w.dtype) for a in range(3)]
-    cellbar = jnp.stack([jnp.stack([jnp.sum(w * d[k] * n[a]) for k in range(3)]) for a in range(3)])
-    return xbar, cellbar, None, None, None
+    x, cell, j, shifts, r, mask = res
+    g = cotangents[0]
+
+    def slot(m):  # the pair vectors are recomputed per slot: cheaper than storing three (M, N) arrays
+        d = _pair_components(x, cell, j[m], shifts[m])
+        w = jnp.where(mask[m], g[m], 0.0) / r[m]  # ḡ / r, so that ḡ r̂ = w d
+        n = shifts[m].astype(w.dtype)
+        return tuple(w * dk for dk in d), tuple(tuple(w * dk * n[a] for dk in d) for a in range(3))
+
+    wd, wdn = slot_sum(slot, j.shape[0])
+    # slot (m, i) moves r_mi by −r̂ per unit of x_i; its mirror (j → i) by the same amount
+    xbar = -2.0 * jnp.stack(wd, axis=1)
+    return xbar, jnp.stack([jnp.stack([jnp.sum(v) for v in row]) for row in wdn]), None, None, None
 
 
 _list_distances.defvjp(_list_distances_fwd, _list_distances_bwd)
 
 
-def min_distance(r, pair_mask):
-    """Shortest real pair distance in Å (inf with fewer than two atoms)."""
-    return jnp.min(jnp.where(pair_mask, r, jnp.inf))
+def min_distance(pairs):
+    """Shortest real pair distance of a ``Pairs`` in Å (inf with fewer than two atoms)."""
+    nearest = lambda m: jnp.where(pairs.mask[m], pairs.r[m], jnp.inf)  # noqa: E731
+    if pairs.neighbors is None:
+        return jnp.min(nearest(Ellipsis))
+    return jnp.min(slot_sum(nearest, pairs.r.shape[0], jnp.minimum))

@@ -14,12 +14,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .geometry import slot_sum
+
 
 class Hardness(NamedTuple):
     """A hardness operator in eV/e².
 
     ``matrix`` (N, N): the dense part (dense layouts; None for lists). ``diagonal`` (N,): diag(H),
-    every part included. List layout: ``values`` (N, M) couplings to ``neighbors`` (N, M) and
+    every part included. List layout: ``values`` (M, N) couplings to ``neighbors`` (M, N)
+    (slot-major, see ``neighbors.NeighborList``) and
     ``base`` (N,) the diagonal without self-image couplings. ``lowrank`` (N, P): adds U Uᵀ
     (Ewald reciprocal space). ``uniform`` (scalar) with ``real`` (N,) 0/1: adds c u uᵀ (the
     neutralising background, the same for every pair). ``operator``: adds a symmetric matrix-free
@@ -55,7 +58,7 @@ class Hardness(NamedTuple):
             h = self.matrix
         else:
             n = self.base.shape[0]
-            rows = jnp.broadcast_to(jnp.arange(n)[:, None], self.neighbors.shape)
+            rows = jnp.broadcast_to(jnp.arange(n)[None, :], self.neighbors.shape)
             h = jnp.zeros((n, n), self.base.dtype).at[rows, self.neighbors].add(self.values)
             h = 0.5 * (h + h.T) + jnp.diag(self.base)  # symmetric in value, and in its cotangent
         if self.lowrank is not None:
@@ -69,37 +72,14 @@ class Hardness(NamedTuple):
 
 @jax.custom_vjp
 def symmetric_list_matvec(values, neighbors, q):
-    """y_i = Σ_m values_im q_{neighbors_im} for a *symmetric* neighbour list (every pair stored in
-    both directions with equal values, as ``neighbors.NeighborList`` builds it). Its transpose is
-    itself, so the derivative with respect to q is one more gather (no scatter); the derivative
-    with respect to the values is split evenly between a pair's two slots,
-    ½(ȳ_i q_j + q_i ȳ_j), the derivative along symmetric changes of H (the only ones there are),
-    which keeps the cotangents of a pair's two distances equal (see ``geometry.list_pairs``)."""
-    return _rows_times(values, neighbors, q)
-
-
-#: Rows per block of the list matvec: keeps each block's gathered values in cache (on CPU a whole
-#: (N, M) gather spills to memory once N M is large).
-ROW_BLOCK = 128
-
-
-def row_blocks(arrays, block=ROW_BLOCK):
-    """Arrays with leading dimension N as (B, block, ...) blocks, padded with zeros: (blocks, N)."""
-    n = arrays[0].shape[0]
-    pad = (-n) % block
-    out = []
-    for a in arrays:
-        if pad:
-            a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
-        out.append(a.reshape((-1, block) + a.shape[1:]))
-    return tuple(out), n
-
-
-def _rows_times(values, neighbors, q):
-    if values.shape[0] <= 4 * ROW_BLOCK:
-        return jnp.sum(values * q[neighbors], axis=1)
-    blocks, n = row_blocks((values, neighbors))
-    return jax.lax.map(lambda b: jnp.sum(b[0] * q[b[1]], axis=1), blocks).reshape(-1)[:n]
+    """y_i = Σ_m values_mi q_{neighbors_mi} for a *symmetric* slot-major neighbour list (every
+    pair stored in both directions with equal values, as ``neighbors.NeighborList`` builds it),
+    one fused pass per slot (``geometry.slot_sum``). Its transpose is itself, so the derivative
+    with respect to q is one more gather (no scatter); the derivative with respect to the values
+    is split evenly between a pair's two slots, ½(ȳ_i q_j + q_i ȳ_j), the derivative along
+    symmetric changes of H (the only ones there are), which keeps the cotangents of a pair's two
+    distances equal (see ``geometry.list_pairs``)."""
+    return slot_sum(lambda m: values[m] * q[neighbors[m]], values.shape[0])
 
 
 def _matvec_fwd(values, neighbors, q):
@@ -108,7 +88,7 @@ def _matvec_fwd(values, neighbors, q):
 
 def _matvec_bwd(res, ybar):
     values, neighbors, q = res
-    vbar = 0.5 * (ybar[:, None] * q[neighbors] + q[:, None] * ybar[neighbors])
+    vbar = 0.5 * (ybar * q[neighbors] + q * ybar[neighbors])
     return vbar, None, symmetric_list_matvec(values, neighbors, ybar)
 
 
@@ -140,8 +120,11 @@ def pair_hardness(kernel, params, system, pairs, coulomb_constant, coupling=None
         off = values if values.ndim == 2 else jnp.sum(values, axis=0)
         matrix = off + jnp.diag(base)
         return Hardness(matrix=matrix, diagonal=jnp.diagonal(matrix))
-    own = jnp.sum(jnp.where(pairs.neighbors == jnp.arange(s.shape[0])[:, None], values, 0.0), axis=1)
-    return Hardness(matrix=None, diagonal=base + own, values=values, neighbors=pairs.neighbors, base=base)
+    diagonal = base
+    if pairs.self_images:  # an atom's own images within the cutoff: their couplings are on the diagonal
+        atoms = jnp.arange(s.shape[0])
+        diagonal = base + slot_sum(lambda m: jnp.where(pairs.neighbors[m] == atoms, values[m], 0.0), values.shape[0])
+    return Hardness(matrix=None, diagonal=diagonal, values=values, neighbors=pairs.neighbors, base=base)
 
 
 def add_lowrank(hardness: Hardness, factor) -> Hardness:

@@ -56,12 +56,27 @@ def _taper_jvp(cutoff, primals, tangents):
     return taper(r, cutoff), (140.0 / cutoff) * (y * y * y) * r_dot
 
 
+#: Initial guess of a^(−1/3) from the bits of a float32 a: bits(y) ≈ C − bits(a)/3, with C near
+#: 4/3 · 127 · 2²³ (the exponent bias under the −1/3 power) and tuned so the guess is within 4 % of
+#: the root for every normal float32 a.
+_INVERSE_CUBE_ROOT_BITS = 0x54A2FA8C
+
+
 @jax.custom_jvp
 def shielding(r, g):
-    """(r³ + g)^(−1/3) in 1/Å for r in Å and g in Å³ (the reaxff shielded 1/r), with the cube
-    root as exp(log/3) (XLA's pow and cbrt cost several times more on CPU) and its derivative
-    written out: −s⁴ (r² ṙ + ġ/3)."""
-    return jnp.exp(jnp.log(r**3 + g) * (-1.0 / 3.0))
+    """(r³ + g)^(−1/3) in 1/Å for r in Å and g in Å³ (the reaxff shielded 1/r), with its
+    derivative written out: −s⁴ (r² ṙ + ġ/3). The inverse cube root runs as four Newton steps
+    y ← y (4 − a y³)/3 in the input precision from a guess read off the float32 bits of a (error
+    4 % → 3e-3 → 2e-5 → 1e-9 → rounding): a few multiplications, where XLA's float64 log, exp,
+    pow and cbrt are scalar library calls on CPU. Valid for r³ + g within the normal float32
+    range (1e-38 to 3e38 Å³, any physical distance)."""
+    a = r * r * r + g
+    bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32)
+    guess = jnp.int32(_INVERSE_CUBE_ROOT_BITS) - jax.lax.div(bits, jnp.int32(3))
+    y = jax.lax.bitcast_convert_type(guess, jnp.float32).astype(a.dtype)
+    for _ in range(4):
+        y = y * (4.0 - a * (y * y * y)) * (1.0 / 3.0)
+    return y
 
 
 @shielding.defjvp

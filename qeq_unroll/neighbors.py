@@ -63,9 +63,11 @@ def image_list(system, cutoff) -> ImageList:
 class NeighborList:
     """A neighbour list in the layout the energy uses, plus what updating it needs.
 
-    ``partner`` (N, M): neighbour atom of each slot (``n_atoms`` marks an empty slot);
-    ``shifts`` (N, M, 3) int8: the lattice translation n of the slot, so that the pair vector is
-    x_partner − x_i + n A. The list is *symmetric*: every pair within the cutoff is stored from
+    ``partner`` (M, N): the neighbour atom in slot m of atom i (``n_atoms`` marks an empty slot);
+    ``shifts`` (M, 3, N) int8: the lattice translation n of the slot, so that the pair vector is
+    x_partner − x_i + n A. Slot-major: slot m of every atom is one contiguous row, so a sum over
+    an atom's slots is M vector updates of length N (see ``geometry.slot_sum``), which XLA fuses
+    into one pass on CPU. The list is *symmetric*: every pair within the cutoff is stored from
     both of its atoms (with opposite shifts), which the derivatives in ``geometry`` and
     ``hardness`` use to gather instead of scatter. ``reference_positions`` (N, 3) Å: positions at
     the last build. ``inner``: the
@@ -93,7 +95,13 @@ class NeighborList:
     @property
     def capacity(self) -> int:
         """Neighbour slots per atom (M)."""
-        return self.partner.shape[1]
+        return self.partner.shape[0]
+
+    @property
+    def self_images(self) -> bool:
+        """Whether an atom's own images can be in the list: only when the cell is replicated for
+        the search (a cell at least 2 (cutoff + skin) thick in every direction holds none)."""
+        return any(r > 1 for r in self.replicate)
 
     def update(self, system) -> "NeighborList":
         return update_neighbors(self, system)
@@ -194,8 +202,8 @@ def neighbor_list(system, cutoff, skin=DEFAULT_SKIN, capacity_multiplier=1.25) -
     m = inner.idx.shape[1]
     reference_cell = system.cell if system.periodic else jnp.eye(3, dtype=dtype)
     nbrs = NeighborList(
-        partner=jnp.full((n, m), n, jnp.int32),
-        shifts=jnp.zeros((n, m, 3), jnp.int8),
+        partner=jnp.full((m, n), n, jnp.int32),
+        shifts=jnp.zeros((m, 3, n), jnp.int8),
         reference_positions=system.positions,
         inner=inner,
         to_fractional=to_fractional,
@@ -230,9 +238,9 @@ def _derive(nbrs, system, inner):
     m = [nbrs.replicas[:, a][rho] for a in range(3)]  # replica offsets in cell vectors
     d0 = [x[:, k][safe] - x[:, k][:, None] + sum(m[a] * cell[a, k] for a in range(3)) for k in range(3)]
     image = [jnp.round(sum(d0[a] * inv[a, k] for a in range(3))) * pbc[k] for k in range(3)]
-    shifts = jnp.stack([jnp.where(valid, m[a] - reps[a] * image[a], 0.0) for a in range(3)], axis=-1)
+    shifts = jnp.stack([jnp.where(valid, m[a] - reps[a] * image[a], 0.0).T for a in range(3)], axis=1)
     shifts = shifts.astype(jnp.int8)
-    return dataclasses.replace(nbrs, partner=partner, shifts=shifts, reference_positions=x, inner=inner)
+    return dataclasses.replace(nbrs, partner=partner.T, shifts=shifts, reference_positions=x, inner=inner)
 
 
 def _flags(nbrs, system, inner):

@@ -29,10 +29,12 @@ def _uses(params, form):
 def pair_energy(params, species, r, pair_mask, neighbors=None):
     """Total short-range energy (eV) over the real pairs i < j: half the sum over the directed
     pairs of ``r`` (Å), which is (N, N), (S, N, N) (periodic images) or, with ``neighbors``
-    (N, M) partner indices, a neighbour list. In periodic cells the pairs are those within the
-    kernel's cutoff (the short-range terms are truncated there)."""
-    si = species[:, None]
-    sj = species[None, :] if neighbors is None else species[neighbors]
+    (M, N) partner indices, a slot-major neighbour list. In periodic cells the pairs are those
+    within the kernel's cutoff (the short-range terms are truncated there). Zero, with no pass
+    over the pairs, when ``params`` has no pair terms."""
+    if not any(_uses(params, form) for form in ("born_mayer", "buckingham", "morse")):
+        return jnp.zeros((), r.dtype)
+    si, sj = (species[:, None], species[None, :]) if neighbors is None else (species[None, :], species[neighbors])
     e = jnp.zeros_like(r)
     for form in ("born_mayer", "buckingham"):
         if _uses(params, form):

@@ -225,6 +225,19 @@ def test_indefinite_hardness_is_flagged():
         assert not bool(aux["positive_definite"]), solver.name
 
 
+def test_shielding_cube_root_exact_to_rounding():
+    """The reaxff shielding (r³ + g)^(−1/3), computed by Newton steps from a float32 bit guess,
+    equals an extended-precision reference to rounding, from overlapping atoms to far beyond any
+    cutoff and for soft to hard shielding."""
+    from qeq_unroll.kernels import shielding
+
+    r = np.concatenate([np.linspace(0.0, 12.0, 2001), np.logspace(-3, 8, 2001)])
+    for g in (0.05, 4.0, 60.0):
+        s = np.asarray(shielding(jnp.asarray(r), g))
+        reference = (r.astype(np.longdouble) ** 3 + g) ** (-1.0 / 3.0)
+        assert float(np.max(np.abs(s - reference) / reference)) < 2e-15
+
+
 def test_reaxff_kernel_derivatives_written_out_equal_finite_differences():
     """The taper's and the shielding's derivatives are written out (custom JVPs): first and second
     derivatives in r and the derivative in γ equal central differences of the kernel, inside the

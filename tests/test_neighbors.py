@@ -141,20 +141,23 @@ def test_calculator_reallocates_on_overflow():
     np.testing.assert_allclose(forces, f0, atol=1e-10)
 
 
-def test_blocked_matvec_equals_plain(monkeypatch):
-    """Large lists run the matvec in row blocks (cache-sized, padded at the end): the same
-    energy, forces and stress as one plain pass, here with N = 1000 (not a multiple of the block)."""
-    from qeq_unroll import hardness
+def test_list_matvec_and_diagonal_equal_dense():
+    """The slot-major list operator (one fused pass per slot) equals the dense H assembled from the
+    same couplings by scatter: products with a random vector and the diagonal, for a cell thick
+    enough to hold no own images (the diagonal's image term is skipped there) and for a replicated
+    cell whose atoms see their own images."""
+    from qeq_unroll.energy import qeq_problem
 
-    pos, kinds, cell = rock_salt(5, rattle=0.05, seed=6)
-    system = system_of(pos, kinds, cell)
-    energy = qu.qeq_energy(qu.ReaxFF(cutoff=5.0), qu.CG(iterations=5), "unrolled")
-    nbrs = energy.neighbors(system, layout="list")
-    assert len(pos) > 4 * hardness.ROW_BLOCK and len(pos) % hardness.ROW_BLOCK
-    blocked = jax.jit(qu.energy_forces_stress(energy))(PARAMS, system, nbrs)
-    monkeypatch.setattr(hardness, "ROW_BLOCK", 10**9)
-    plain = jax.jit(qu.energy_forces_stress(energy))(PARAMS, system, nbrs)
-    assert abs(float(blocked[0] - plain[0])) < 1e-9
-    np.testing.assert_allclose(blocked[1], plain[1], atol=1e-10)
-    np.testing.assert_allclose(blocked[2], plain[2], atol=1e-12)
+    rng = np.random.default_rng(7)
+    for reps, cutoff, own in ((3, 5.0, False), (1, 6.0, True)):
+        pos, kinds, cell = rock_salt(reps, rattle=0.05, seed=6)
+        system = system_of(pos, kinds, cell)
+        nbrs = qu.neighbor_list(system, cutoff)
+        partner = np.asarray(nbrs.partner)
+        assert nbrs.self_images == own == bool(np.any(partner == np.arange(len(pos))[None, :]))
+        h = jax.jit(lambda s, n: qeq_problem(qu.ReaxFF(cutoff=cutoff), PARAMS, s, 1.0, n).hardness)(system, nbrs)
+        dense = np.asarray(h.dense())
+        q = jax.numpy.asarray(rng.normal(size=len(pos)))
+        np.testing.assert_allclose(h.matvec(q), dense @ q, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(h.diagonal, np.diagonal(dense), rtol=0, atol=1e-12)
 
