@@ -42,12 +42,21 @@ class Pairs(NamedTuple):
         return species[None, :], species[self.neighbors]
 
 
-def slot_sum(term, slots, combine=jnp.add):
-    """Σ_m term(m) for m < ``slots`` (≥ 1), or another elementwise ``combine`` (``jnp.minimum``):
-    a reduction over the slots of a slot-major list, ``term(m)`` a pytree of arrays computed from
-    row m. It runs as a loop of vector updates, which XLA fuses into one pass over the list per
-    step; a reduction over the slot axis of a materialised (M, N) array is many times slower on
-    CPU."""
+_REDUCTIONS = {jnp.add: jnp.sum, jnp.minimum: jnp.min}
+
+
+def slot_sum(term, slots, combine=jnp.add, loop=None):
+    """Σ_m term(m) for m < ``slots`` (≥ 1), or ``combine = jnp.minimum``: a reduction over the
+    slots of a slot-major list, ``term(m)`` a pytree of arrays computed from row m. With ``loop``
+    (the default on CPU) it runs as a loop of vector updates, which XLA fuses into one pass over
+    the list per step (a reduction over the slot axis of a materialised (M, N) array is many times
+    slower on CPU); without (the default on accelerators, where each loop step would be a kernel
+    launch), as one reduction over all slots."""
+    if loop is None:
+        loop = jax.default_backend() == "cpu"
+    if not loop:
+        reduce = _REDUCTIONS[combine]
+        return jax.tree_util.tree_map(lambda a: reduce(a, axis=0), jax.vmap(term)(jnp.arange(slots)))
     step = lambda m, acc: jax.tree_util.tree_map(combine, acc, term(m))  # noqa: E731
     return jax.lax.fori_loop(1, slots, step, term(0))
 

@@ -141,6 +141,23 @@ def test_calculator_reallocates_on_overflow():
     np.testing.assert_allclose(forces, f0, atol=1e-10)
 
 
+def test_slot_sum_loop_equals_one_reduction():
+    """The per-slot loop (CPU) and the single reduction over all slots (accelerators) agree, for a
+    gathered product, a pytree of terms and the minimum."""
+    from qeq_unroll.geometry import slot_sum
+
+    rng = np.random.default_rng(3)
+    values = jax.numpy.asarray(rng.normal(size=(7, 20)))
+    partner = jax.numpy.asarray(rng.integers(0, 20, size=(7, 20)))
+    q = jax.numpy.asarray(rng.normal(size=20))
+    product = lambda m: (values[m] * q[partner[m]], jax.numpy.abs(values[m]))  # noqa: E731
+    for combine in (jax.numpy.add, jax.numpy.minimum):
+        looped, reduced = (slot_sum(product, 7, combine, loop=flag) for flag in (True, False))
+        for a, b in zip(looped, reduced):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(slot_sum(product, 7)[0], np.sum(np.asarray(values) * np.asarray(q)[np.asarray(partner)], axis=0), atol=1e-13)
+
+
 def test_list_matvec_and_diagonal_equal_dense():
     """The slot-major list operator (one fused pass per slot) equals the dense H assembled from the
     same couplings by scatter: products with a random vector and the diagonal, for a cell thick
