@@ -137,6 +137,12 @@ def nbytes(tree):
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype"))
 
 
+def compiled_bytes(jitted, *args):
+    """Memory of one call of a jitted function (bytes): arguments + outputs + XLA scratch."""
+    memory = jitted.lower(*args).compile().memory_analysis()
+    return memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+
+
 def ours(pos, kinds, cell, q_lammps):
     """Our side for one structure: list (timed), tight reference, LAMMPS's error, the loosest
     tolerance that matches it; returns the results and the compiled evaluation to time."""
@@ -160,10 +166,8 @@ def ours(pos, kinds, cell, q_lammps):
         raise SystemExit(f"no CG tolerance down to {TOLERANCES[-1]} reaches the LAMMPS error {err_lammps:.2e}")
     evaluate = jax.jit(qu.energy_and_forces(energy))
     out = jax.block_until_ready(evaluate(PARAMS, system, nbrs))
-    memory = evaluate.lower(PARAMS, system, nbrs).compile().memory_analysis()
-    peak = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
-    rebuild = jax.jit(qu.update_neighbors).lower(nbrs.pairs, system).compile().memory_analysis()
-    rebuild_peak = rebuild.temp_size_in_bytes + rebuild.argument_size_in_bytes + rebuild.output_size_in_bytes
+    peak = compiled_bytes(evaluate, PARAMS, system, nbrs)
+    rebuild_peak = compiled_bytes(jax.jit(qu.update_neighbors), nbrs.pairs, system)
     result = dict(tol=tol, err=err, err_lammps=err_lammps, iterations=int(out[2]["iterations"]), peak=peak,
                   list_bytes=nbytes(nbrs.pairs), rebuild_peak=rebuild_peak, t_list=t_list, slots=nbrs.pairs.capacity)
     return result, lambda: jax.block_until_ready(evaluate(PARAMS, system, nbrs))

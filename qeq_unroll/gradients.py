@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from .constraints import fragment_means, fragment_sums
 from .errors import QEqInputError
+from .solvers import tangent
 
 
 def _forward(solver):
@@ -59,8 +60,15 @@ class Implicit:
             return jnp.concatenate([h.matvec(q) - per_atom, -fragment_sums(q, frags, n_f)])
 
         def solve(_, b):
+            # The adjoint right-hand side b_q is ∂E/∂q = χ + Hq, at the solution a multiplier per
+            # fragment plus the small tangent residual. Only its tangent part t moves q; the rest
+            # shifts λ, which the line below recovers from b_q. Solving with χ = −t keeps float32
+            # from losing t under the large uniform part (it stalled there at 1000 iterations,
+            # with a wrong adjoint); the residual stays relative to ‖b_q‖, so the adjoint is solved
+            # to the same absolute accuracy as before in float64.
             b_q, b_lam = b[:n], b[n:]
-            q, diagnostics = _forward(solver)(problem._replace(chi=-b_q, targets=-b_lam))
+            adjoint = problem._replace(chi=-tangent(b_q, problem), targets=-b_lam, scale=jnp.linalg.norm(b_q))
+            q, diagnostics = _forward(solver)(adjoint)
             lam = fragment_means(h.matvec(q) - b_q, frags, n_f)
             return jnp.concatenate([q, lam]), diagnostics
 

@@ -37,7 +37,9 @@ class Problem(NamedTuple):
     and ``pair_mask`` describe the geometry, for solver parts that are functions of it. ``guess``
     (N,) e: charges the caller supplies as the starting point of iterative solvers (MD history:
     the previous step's charges or extended-Lagrangian auxiliary charges), replacing the solver's
-    own start; it is made feasible and treated as a constant (never differentiated)."""
+    own start; it is made feasible and treated as a constant (never differentiated). ``scale``
+    (eV/e): the norm that residuals are relative to, ‖χ‖ when None (the adjoint solve of the
+    implicit gradient mode sets it, see ``gradients``)."""
 
     hardness: Hardness
     chi: jax.Array
@@ -47,6 +49,7 @@ class Problem(NamedTuple):
     distances: jax.Array | None = None
     pair_mask: jax.Array | None = None
     guess: jax.Array | None = None
+    scale: jax.Array | None = None
 
     @property
     def n_fragments(self) -> int:
@@ -77,8 +80,8 @@ def tangent(gradient, problem):
 
 
 def relative_residual(residual, problem):
-    """‖r‖ / ‖χ‖ for a tangent residual r (dimensionless)."""
-    scale = jnp.linalg.norm(problem.chi)
+    """‖r‖ / ‖χ‖ (or ‖r‖ / ``problem.scale``) for a tangent residual r (dimensionless)."""
+    scale = jnp.linalg.norm(problem.chi) if problem.scale is None else problem.scale
     return jnp.linalg.norm(residual) / jnp.where(scale > 0, scale, 1.0)
 
 
