@@ -1,18 +1,22 @@
 """GPU benchmark: periodic NaCl at N = 10³..10⁶ on one GPU, float32 and float64.
 
-Rattled rock-salt NaCl as in ``bench_periodic.py`` (reaxff kernel, r_c = 10 Å, k_e = 14.4, CG to
-tol 1e-6 with implicit forces over a jax-md neighbour list). Per N and precision: ms per
-energy + forces + charges (median of repeats after warm-up), MD steps/s of the device loop
-(``qeq_unroll.md.run``, NVE, CG K = 4 unrolled, neighbour list updated every step), and peak GPU
-memory (``device.memory_stats()``); the float32 NVE energy drift of a 4096-atom run against float64
-on the same start. Absolute numbers with the device named. The ratio to LAMMPS uses LAMMPS ``fix
-qeq/reaxff`` times per solve on one CPU thread for the same structures, measured on the CPU machine
-with ``python benchmarks/bench_gpu.py --lammps`` (written to ``benchmarks/lammps_cpu.json``).
+Rattled rock-salt NaCl as in ``bench_periodic.py`` (reaxff kernel, r_c = 10 Å, k_e = 14.4) over a
+jax-md neighbour list (skin 1 Å, capacity factor 1.1). Per N and precision: the list allocation
+(s, host call), ms per energy + forces + charges with CG to tol 1e-6 (float64) / 1e-5 (float32)
+and implicit forces (median of repeats after warm-up), its CG iterations and whether it converged,
+ms per energy + forces with CG K = 4 unrolled (the MD setting), memory of the evaluation (XLA:
+arguments + outputs + scratch) and of the list, per atom; a size whose list or evaluation does
+not fit in GPU memory is reported as such. MD steps/s (``qeq_unroll.md.run``, NVE, CG K = 4
+unrolled, XL charges, list updated every step) for N ≤ ``--md-max``; the float32 NVE drift of a
+4096-atom run against float64 on the same start. Absolute numbers with the device named. The
+ratio to LAMMPS uses LAMMPS ``fix qeq/reaxff`` times per solve on one CPU thread for the same
+structures, measured on the CPU machine with ``python benchmarks/bench_gpu.py --lammps`` (written
+to ``benchmarks/lammps_cpu.json``).
 
 Without a GPU the script writes a ``bench_gpu`` section saying that no GPU run was made
 (``--cpu`` runs the small sizes on the CPU as a check and writes nothing).
 
-    python benchmarks/bench_gpu.py [--sizes 1000,8000,64000,216000,1000000] [--no-write]
+    python benchmarks/bench_gpu.py [--sizes 1000,8000,64000,216000,1000000] [--json rows.json] [--no-write]
     python benchmarks/bench_gpu.py --lammps [--sizes ...]     # on the CPU machine
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -36,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import qeq_unroll as qu  # noqa: E402
-from bench_periodic import CUTOFF, KE, PARAMS, Lammps, median_time, rock_salt  # noqa: E402
+from bench_periodic import CUTOFF, KE, PARAMS, Lammps, compiled_bytes, median_time, nbytes, rock_salt  # noqa: E402
 from qeq_unroll import md  # noqa: E402
 from results import write_section  # noqa: E402
 
@@ -63,41 +68,75 @@ def cast(params, dtype):
     return jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, dtype), params)
 
 
-def evaluation(pos, kinds, cell, dtype):
-    system = qu.make_system(pos, kinds, cell=cell, pbc=True, dtype=dtype)
-    params = cast(MD_PARAMS, dtype)
-    energy = qu.qeq_energy(qu.ReaxFF(cutoff=CUTOFF), qu.CG(tol=1e-6 if dtype == np.float64 else 1e-5), "implicit", KE)
-    nbrs = energy.neighbors(system, layout="list", skin=1.0, capacity_multiplier=1.1)
+def evaluation(system, nbrs, energy):
     evaluate = jax.jit(qu.energy_and_forces(energy))
-    return system, params, energy, nbrs, evaluate
+    params = cast(MD_PARAMS, system.positions.dtype)
+    return lambda: jax.block_until_ready(evaluate(params, system, nbrs)), compiled_bytes(evaluate, params, system, nbrs)
 
 
-def peak_memory():
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+def too_large(error):
+    """Why a size could not run (a result, not a bug), or None for any other error."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        return "out of GPU memory"
+    if "Invalid dimension size -" in text:  # jax-md's candidate array: N × 27 × cell capacity entries
+        return "list build fails (jax-md's candidate array exceeds 2³¹ entries)"
+    return None
 
 
-def gpu_rows(sizes, repeats):
+def measure(n_target, dtype, repeats):
+    """One row: list, evaluation at tolerance (implicit) and at K = 4 (unrolled)."""
+    (pos, kinds, cell), _ = structure(n_target)
+    row = dict(n=len(pos), dtype=np.dtype(dtype).name)
+    system = qu.make_system(pos, kinds, cell=cell, pbc=True, dtype=dtype)
+    tol = 1e-6 if dtype == np.float64 else 1e-5
+    at_tol = qu.qeq_energy(qu.ReaxFF(cutoff=CUTOFF), qu.CG(tol=tol), "implicit", KE)
+    start = time.perf_counter()
+    nbrs = jax.block_until_ready(at_tol.neighbors(system, layout="list", skin=1.0, capacity_multiplier=1.1))
+    row.update(list_s=time.perf_counter() - start, slots=nbrs.pairs.capacity, overflow=bool(nbrs.overflow),
+               list_bytes=nbytes(nbrs.pairs) / len(pos))
+    call, memory = evaluation(system, nbrs, at_tol)
+    out = call()
+    row.update(ms=1e3 * median_time(call, repeats), iterations=int(out[2]["iterations"]),
+               converged=bool(out[2]["converged"]), bytes=memory / len(pos))
+    k4 = qu.qeq_energy(qu.ReaxFF(cutoff=CUTOFF), qu.CG(iterations=4), "unrolled", KE)
+    call, _ = evaluation(system, nbrs, k4)
+    call()
+    row["ms_k4"] = 1e3 * median_time(call, repeats)
+    return row
+
+
+def md_rate(n_target, dtype, steps=300):
+    """MD steps/s after the first block (which compiles)."""
+    (pos, kinds, cell), _ = structure(n_target)
+    system = qu.make_system(pos, kinds, cell=cell, pbc=True, dtype=dtype)
+    energy = qu.qeq_energy(qu.ReaxFF(cutoff=CUTOFF), qu.CG(iterations=4), "unrolled", KE)
+    settings = md.Settings(steps=steps, dt_fs=2.0, temperature_K=300.0, report_every=20, block=5)
+    stamps = [time.perf_counter() for _ in md.run(settings, energy, cast(MD_PARAMS, dtype), system, MASSES[kinds], layout="list")]
+    return (steps - 100) / (stamps[-1] - stamps[1])
+
+
+def gpu_rows(sizes, repeats, md_max, json_path=None):
     lammps = json.loads(LAMMPS_JSON.read_text()) if LAMMPS_JSON.exists() else {}
-    rows = []
+    rows, full = [], set()
     for n_target in sizes:
-        (pos, kinds, cell), _ = structure(n_target)
-        n = len(pos)
         for dtype in (np.float32, np.float64):
-            system, params, energy, nbrs, evaluate = evaluation(pos, kinds, cell, dtype)
-            out = jax.block_until_ready(evaluate(params, system, nbrs))
-            ms = 1e3 * median_time(lambda: jax.block_until_ready(evaluate(params, system, nbrs)), repeats)
-            md_energy = qu.qeq_energy(qu.ReaxFF(cutoff=CUTOFF), qu.CG(iterations=4), "unrolled", KE)
-            settings = md.Settings(steps=200, dt_fs=2.0, temperature_K=300.0, report_every=20, block=5)
-            t_first = None
-            for i, _ in enumerate(md.run(settings, md_energy, params, system, MASSES[kinds], layout="list")):
-                if i == 1:
-                    t_first = time.perf_counter()
-            steps_per_s = (settings.steps - 100) / (time.perf_counter() - t_first)
-            ref = lammps.get(str(n))
-            rows.append(dict(n=n, dtype=np.dtype(dtype).name, ms=ms, iterations=int(out[2]["iterations"]),
-                             steps_per_s=steps_per_s, peak=peak_memory(), lammps_ms=ref))
-            print(rows[-1], flush=True)
+            if dtype in full:
+                continue
+            try:
+                row = measure(n_target, dtype, repeats)
+                if n_target <= md_max:
+                    row["steps_per_s"] = md_rate(n_target, dtype)
+            except Exception as error:  # noqa: BLE001 - only a size limit is a result
+                if too_large(error) is None:
+                    raise
+                row = dict(n=len(structure(n_target)[0][0]), dtype=np.dtype(dtype).name, failed=too_large(error))
+                full.update((dtype, np.float64))  # float64 needs at least as much as float32
+            row["lammps_ms"] = lammps.get(str(row["n"]))
+            rows.append(row)
+            print(row, flush=True)
+            if json_path:
+                Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 
@@ -137,12 +176,17 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--lammps", action="store_true", help="measure LAMMPS on this (CPU) machine instead")
     ap.add_argument("--cpu", action="store_true", help="run the small sizes on the CPU as a check (writes nothing)")
+    ap.add_argument("--md-max", type=int, default=8000, help="largest N whose MD steps/s are measured")
+    ap.add_argument("--drift-ps", type=float, default=2.0, help="length of the float32/float64 drift runs (ps)")
+    ap.add_argument("--json", help="also write the rows to this file as they come")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.lammps:
         lammps_times(sizes, args.repeats)
         return
+    if hasattr(os, "sched_setaffinity"):  # bench_periodic pins to one core for its CPU timings; undo it here
+        os.sched_setaffinity(0, range(os.cpu_count()))
     device = jax.devices()[0]
     if device.platform != "gpu" and not args.cpu:
         text = (
@@ -155,29 +199,44 @@ def main(argv=None):
         if not args.no_write:
             write_section("bench_gpu", text)
         return
-    rows = gpu_rows(sizes if not args.cpu else [s for s in sizes if s <= 8000], args.repeats)
-    n_drift, drift = float32_drift(4096 if not args.cpu else 512, 2.0 if not args.cpu else 0.2)
+    sizes = sizes if not args.cpu else [s for s in sizes if s <= 8000]
+    rows = gpu_rows(sizes, args.repeats, args.md_max, args.json)
+    n_drift, drift = float32_drift(4096 if not args.cpu else 512, args.drift_ps if not args.cpu else 0.2)
+    text = report(rows, device, n_drift, args.drift_ps, drift)
+    print(text)
+    if not args.no_write and not args.cpu:
+        write_section("bench_gpu", text)
+
+
+def report(rows, device, n_drift, ps, drift):
     lines = [
         "## bench_gpu: periodic NaCl on a GPU",
         "",
         f"`python benchmarks/bench_gpu.py` on **{device.device_kind}** (jax {jax.__version__}). Rattled rock-salt NaCl, "
-        "reaxff kernel, r_c = 10 Å, CG to tol 1e-6 (float64) / 1e-5 (float32) with implicit forces over a jax-md "
-        "neighbour list; MD: NVE, CG K = 4 unrolled, list updated every step. LAMMPS: fix qeq/reaxff on one CPU "
-        "thread of the CPU machine, same structures.",
+        "reaxff kernel, r_c = 10 Å, over a jax-md neighbour list (skin 1 Å, capacity factor 1.1). *At tol*: energy + "
+        "forces + charges with CG to tol 1e-6 (float64) / 1e-5 (float32) and implicit forces; *K = 4*: CG K = 4 "
+        "unrolled (the MD setting). Memory: XLA's arguments + outputs + scratch of the at-tol evaluation, and the "
+        "stored list, per atom. MD: NVE, 2 fs, CG K = 4 unrolled with XL charges, list updated every step. LAMMPS: "
+        "fix qeq/reaxff per solve on one CPU thread of the CPU machine, same structures (`--lammps`).",
         "",
-        "| N | precision | ms per energy+forces | CG iterations | MD steps/s | peak GPU memory (MB) | LAMMPS 1 thread / ours |",
-        "|---|---|---|---|---|---|---|",
+        "| N | precision | list build (s) | ms at tol | CG iterations | ms K = 4 | memory (kB/atom) | list (kB/atom) "
+        "| MD steps/s | LAMMPS 1 thread / ours at tol |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        peak = f"{r['peak'] / 2**20:.0f}" if r["peak"] else "n/a"
-        ratio = f"{r['lammps_ms'] / r['ms']:.1f}×" if r["lammps_ms"] else "not measured"
-        lines.append(f"| {r['n']} | {r['dtype']} | {r['ms']:.2f} | {r['iterations']} | {r['steps_per_s']:.0f} | {peak} | {ratio} |")
-    lines += ["", f"NVE drift ({n_drift} atoms, 2 fs, CG K = 4 unrolled): float32 {drift['float32'][0]:.3g} meV/atom/ps, "
-              f"float64 {drift['float64'][0]:.3g} meV/atom/ps."]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write and not args.cpu:
-        write_section("bench_gpu", text)
+        if r.get("failed"):
+            lines.append(f"| {r['n']} | {r['dtype']} | {r['failed']} | | | | | | | |")
+            continue
+        its = f"{r['iterations']}" + ("" if r["converged"] else " (not converged)")
+        md_rate = f"{r['steps_per_s']:.0f}" if "steps_per_s" in r else "—"
+        ratio = f"{r['lammps_ms'] / r['ms']:.0f}×" if r["lammps_ms"] else "not measured"
+        over = " (overflow)" if r["overflow"] else ""
+        lines.append(f"| {r['n']} | {r['dtype']} | {r['list_s']:.1f}{over} | {r['ms']:.2f} | {its} | {r['ms_k4']:.2f} | "
+                     f"{r['bytes'] / 1e3:.1f} | {r['list_bytes'] / 1e3:.1f} | {md_rate} | {ratio} |")
+    if drift is not None:
+        lines += ["", f"NVE drift ({n_drift} atoms, {ps:g} ps at 2 fs, CG K = 4 unrolled): float32 "
+                  f"{drift['float32'][0]:.3g} meV/atom/ps, float64 {drift['float64'][0]:.3g} meV/atom/ps."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
