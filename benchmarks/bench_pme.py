@@ -3,18 +3,21 @@
 Rattled rock-salt NaCl (a = 5.64 Å, 0.1 Å rattle), the gaussian kernel with σ_Na = 1.0 Å,
 σ_Cl = 1.2 Å (χ, J as in ``tests/test_periodic.py``), Ewald accuracy 1e-6 (real-space cutoff
 chosen from the widths, 9.0 Å; pairs from a jax-md neighbour list, skin 1 Å, built beforehand as
-in MD), CG to a relative residual of 1e-7 with implicit forces, everything on one CPU thread (the
-process is pinned to one core and XLA runs single-threaded). For each N, in one run:
+in MD), CG to a relative residual of 1e-7 with implicit forces and its default preconditioner
+(Jacobi for exact Ewald; the long-wavelength ``pme.MeshPreconditioner`` for PME), everything on one
+CPU thread (the process is pinned to one core and XLA runs single-threaded). For each N, in one run:
 
 - exact Ewald (``reciprocal="ewald"``: the reciprocal sum as a low-rank term over every k-vector
   of the Ewald sphere; memory O(N K) with K ∝ N, so only the smaller sizes) and PME
   (``reciprocal="pme"``, B-spline order 6, mesh from the accuracy): one jitted call of energy +
   forces + charges (``energy_and_forces``), median of repeats after JIT warm-up;
-- where both run, PME's errors against exact Ewald: relative energy, max |Δq|, max |ΔF|.
+- where both run, PME's errors against exact Ewald: relative energy, max |Δq|, max |ΔF|;
+- the iterations Jacobi-preconditioned CG needs on the same PME problem (iterations only, not timed).
 
 Reported: the time ratio PME / Ewald, each method's time relative to its own smallest size, CG
 iterations, and the time-vs-N exponents (least squares in log-log), also per CG iteration (the
-Coulomb operator's condition number grows with the cell, ∝ L², so iterations grow ∝ N^(1/3)).
+Coulomb operator's condition number grows with the cell, ∝ L²: Jacobi-CG's iterations grow ∝ N^(1/3),
+the mesh preconditioner's stay about constant).
 Absolute times are printed; the table keeps ratios. Writes the ``bench_pme`` section of
 ``benchmarks/RESULTS.md``.
 
@@ -51,17 +54,38 @@ PARAMS = qu.Params.from_dict(
 )
 
 
+def kernel_of(method):
+    return qu.Gaussian(accuracy=ACCURACY, reciprocal=method, mesh_order=ORDER)
+
+
+def solver_of(**kw):
+    return qu.CG(tol=TOL, max_iterations=2000, **kw)
+
+
 def measure(system, method, repeats):
     """Time (s), CG iterations, plan, and the outputs of one energy + forces + charges call."""
-    kernel = qu.Gaussian(accuracy=ACCURACY, reciprocal=method, mesh_order=ORDER)
-    energy = qu.qeq_energy(kernel, qu.CG(tol=TOL, max_iterations=2000), "implicit")
+    kernel = kernel_of(method)
+    energy = qu.qeq_energy(kernel, solver_of(), "implicit")
     nbrs = energy.neighbors(system, PARAMS, layout="list", skin=1.0, capacity_multiplier=1.1)
     evaluate = jax.jit(qu.energy_and_forces(energy))
     e, f, aux = jax.block_until_ready(evaluate(PARAMS, system, nbrs))
     assert not bool(aux["neighbors_overflow"]) and bool(aux["converged"])
     t = median_time(lambda: jax.block_until_ready(evaluate(PARAMS, system, nbrs)), repeats)
-    out = dict(e=float(e), f=np.asarray(f), q=np.asarray(aux["charges"]))
+    out = dict(e=float(e), f=np.asarray(f), q=np.asarray(aux["charges"]), nbrs=nbrs)
     return t, int(aux["iterations"]), nbrs.reciprocal, out
+
+
+def jacobi_iterations(system, method, nbrs):
+    """CG iterations with the Jacobi preconditioner on the same problem (forward solve only)."""
+    kernel = kernel_of(method)
+    solver = solver_of(preconditioner=qu.solvers.Jacobi())
+
+    def solve(system, nbrs):
+        return solver.run_forward(qu.energy.qeq_problem(kernel, PARAMS, system, neighbors=nbrs))[1]
+
+    diagnostics = jax.jit(solve)(system, nbrs)
+    assert bool(diagnostics.converged)
+    return int(diagnostics.iterations)
 
 
 def main(argv=None):
@@ -90,7 +114,9 @@ def main(argv=None):
                 col.append(v)
             print(f"N={n} {method}: {1e3 * t:.1f} ms, {iters} iterations, plan {plan if method == 'pme' else len(plan.miller)}", flush=True)
         t_pme, it_pme, mesh, out_pme = res["pme"]
-        row = dict(n=n, mesh="×".join(map(str, mesh.shape)), it_pme=it_pme, t_pme=t_pme)
+        it_jac = jacobi_iterations(system, "pme", out_pme["nbrs"])
+        print(f"N={n} pme with Jacobi-CG: {it_jac} iterations", flush=True)
+        row = dict(n=n, mesh="×".join(map(str, mesh.shape)), it_pme=it_pme, it_jac=it_jac, t_pme=t_pme)
         if "ewald" in res:
             t_ew, it_ew, plan, out_ew = res["ewald"]
             row.update(
@@ -108,21 +134,22 @@ def main(argv=None):
         f"Rattled rock-salt NaCl, gaussian kernel (σ 1.0/1.2 Å), Ewald accuracy {ACCURACY:g} (real-space "
         f"cutoff {mesh.real_cutoff:.2f} Å), CG tol {TOL:g} with implicit forces, energy + forces + charges per "
         f"call, one CPU thread ({platform.processor() or platform.machine()}). PME: B-spline order {ORDER}, mesh "
-        "from the accuracy. Times relative to each method's N = "
+        "from the accuracy, CG with the long-wavelength mesh preconditioner (default; `pme.MeshPreconditioner`), "
+        "and for comparison the iterations Jacobi-CG needs on the same PME problem (not timed). Times relative to each method's N = "
         f"{sizes[0]} (absolute: exact Ewald {1e3 * t0.get('ewald', float('nan')):.0f} ms, PME {1e3 * t0['pme']:.0f} ms "
         "there; absolute times are machine-dependent). Errors: PME against exact Ewald.",
         "",
-        "| N | mesh | Ewald k-vectors | CG iter. (Ewald / PME) | t PME / t Ewald | t / t(N₀) Ewald | t / t(N₀) PME "
+        "| N | mesh | Ewald k-vectors | CG iter. (Ewald / PME / PME with Jacobi) | t PME / t Ewald | t / t(N₀) Ewald | t / t(N₀) PME "
         "| rel. ΔE | max Δq (e) | max ΔF (eV/Å) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "ratio" in r:
             t_ew = data["ewald"][1][data["ewald"][0].index(r["n"])]
-            ewald_cols = [str(r["k"]), f"{r['it_ew']} / {r['it_pme']}", f"{r['ratio']:.3f}", f"{t_ew / t0['ewald']:.2f}"]
+            ewald_cols = [str(r["k"]), f"{r['it_ew']} / {r['it_pme']} / {r['it_jac']}", f"{r['ratio']:.3f}", f"{t_ew / t0['ewald']:.2f}"]
             errors = [f"{r['de']:.1e}", f"{r['dq']:.1e}", f"{r['df']:.1e}"]
         else:
-            ewald_cols = ["—", f"— / {r['it_pme']}", "—", "—"]
+            ewald_cols = ["—", f"— / {r['it_pme']} / {r['it_jac']}", "—", "—"]
             errors = ["—"] * 3
         cols = [str(r["n"]), r["mesh"], *ewald_cols, f"{r['t_pme'] / t0['pme']:.2f}", *errors]
         lines.append("| " + " | ".join(cols) + " |")
@@ -134,6 +161,13 @@ def main(argv=None):
                 f"- Time-vs-N exponent, {label} (N = {ns[0]}..{ns[-1]}): {exponent(ns, ts):.2f} per call, "
                 f"{exponent(ns, per):.2f} per CG iteration."
             )
+    its = [r["it_jac"] for r in rows]
+    if len(rows) >= 2:
+        lines.append(
+            f"- CG iterations vs N exponent on PME (N = {rows[0]['n']}..{rows[-1]['n']}): "
+            f"{exponent([r['n'] for r in rows], [r['it_pme'] for r in rows]):.2f} with the mesh preconditioner, "
+            f"{exponent([r['n'] for r in rows], its):.2f} with Jacobi."
+        )
     big = [row for row in zip(*data["pme"]) if row[0] >= 4096]
     if len(big) >= 2:
         ns, ts, per = zip(*big)

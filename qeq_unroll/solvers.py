@@ -7,9 +7,13 @@ that depends on the current geometry only and take steps along directions that k
 fragment sum fixed, so Σq = Q holds to rounding after any number of iterations.
 
 - ``exact``: dense Cholesky of H, two-level solve for the constraints.
-- ``cg``: Jacobi-preconditioned projected conjugate gradient (matrix-free: only H q products).
+- ``cg``: preconditioned projected conjugate gradient (matrix-free: only H q products).
 - ``gd``: preconditioned projected steepest descent with exact line search.
 - ``nag``: Nesterov's accelerated projected gradient, step 1/L with L from a short power iteration.
+
+The default preconditioner is Jacobi, and with a particle-mesh Ewald term in H the long-wavelength
+mesh preconditioner ``pme.MeshPreconditioner`` (Jacobi plus a mesh correction that keeps the
+iterations about constant as the cell grows).
 
 ``iterations=K`` runs exactly K iterations (stopping early only once the residual is at ``tol``);
 ``iterations=None`` runs to ``tol`` or ``max_iterations``. The residual is the Euclidean norm of the
@@ -30,6 +34,7 @@ from jax import lax
 from .constraints import diagonal_start, feasible, indicator, project
 from .errors import QEqInputError
 from .hardness import Hardness
+from .pme import MeshPreconditioner
 
 
 class Problem(NamedTuple):
@@ -122,12 +127,13 @@ def _floor(dtype):
 class _Iterative:
     """Shared driver: K fixed iterations or iterate-to-tol, as a ``lax.scan`` whose steps freeze
     (``lax.cond``) once the residual reaches ``tol``. ``preconditioner`` and ``start`` are
-    strategies (Jacobi and the diagonal-model start by default; learned ones in ``learned``)."""
+    strategies (by default ``pme.MeshPreconditioner``, which is Jacobi unless H has a PME term, and
+    the diagonal-model start; learned ones in ``learned``)."""
 
     iterations: int | None = None
     tol: float = 1e-10
     max_iterations: int = 1000
-    preconditioner: object = Jacobi()
+    preconditioner: object = MeshPreconditioner()
     start: object = DiagonalStart()
 
     def __post_init__(self):
