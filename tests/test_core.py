@@ -265,3 +265,17 @@ def test_reaxff_kernel_derivatives_written_out_equal_finite_differences():
             fdg = (k(r, gamma + step) - k(r, gamma - step)) / (2 * h)
             assert abs(float(dg[e] - fdg)) < 1e-8
     assert float(jax.grad(k)(6.5, gamma)) == 0.0
+
+
+def test_implicit_derivative_in_the_fragment_charges():
+    """dE/dQ (eV/e, the chemical potential) through the implicit adjoint, whose multiplier is
+    recovered from the whole cotangent, equals the finite difference of the energy in Q."""
+    energy = qu.qeq_energy("gaussian", qu.CG(tol=1e-13, max_iterations=2000), "implicit")
+
+    def e_of(q_total):
+        return energy(PARAMS, dataclasses.replace(FD_SYSTEM, fragment_charges=q_total))[0]
+
+    q0 = jnp.asarray(FD_SYSTEM.fragment_charges) + 0.3
+    h = 1e-4
+    fd = (e_of(q0 + h) - e_of(q0 - h)) / (2 * h)
+    np.testing.assert_allclose(jax.grad(lambda q: e_of(q).sum())(q0), fd, rtol=1e-7)
