@@ -28,12 +28,15 @@ from .periodic import wrap
 class Pairs(NamedTuple):
     """r: distances in Å (safe: 1 where masked); mask: True for the pairs that count; neighbors:
     (M, N) partner atom indices for the neighbour-list layout, None for the dense layouts;
-    self_images (static): whether a list can hold an atom's own images (``neighbors[m, i] == i``)."""
+    self_images (static): whether a list can hold an atom's own images (``neighbors[m, i] == i``);
+    occupied: for a list, the number of leading slots that hold every counted pair (a traced int,
+    see ``slot_sum``'s ``stop``)."""
 
     r: jax.Array
     mask: jax.Array
     neighbors: jax.Array | None = None
     self_images: bool = False
+    occupied: jax.Array | None = None
 
     def species(self, species):
         """(s_i, s_j) broadcastable against ``r``."""
@@ -45,20 +48,25 @@ class Pairs(NamedTuple):
 _REDUCTIONS = {jnp.add: jnp.sum, jnp.minimum: jnp.min}
 
 
-def slot_sum(term, slots, combine=jnp.add, loop=None):
+def slot_sum(term, slots, combine=jnp.add, loop=None, stop=None):
     """Σ_m term(m) for m < ``slots`` (≥ 1), or ``combine = jnp.minimum``: a reduction over the
     slots of a slot-major list, ``term(m)`` a pytree of arrays computed from row m. With ``loop``
     (the default on CPU) it runs as a loop of vector updates, which XLA fuses into one pass over
     the list per step (a reduction over the slot axis of a materialised (M, N) array is many times
     slower on CPU); without (the default on accelerators, where each loop step would be a kernel
-    launch), as one reduction over all slots."""
+    launch), as one reduction over all slots.
+
+    ``stop`` (a traced int ≤ ``slots``, optional): the loop ends there, for terms that are the
+    identity of ``combine`` from that slot on (``Pairs.occupied``): a pass over the occupied part of
+    the list only. A loop with a traced length cannot be reverse-differentiated, so this is for
+    passes inside custom derivatives; the one-reduction form ignores it."""
     if loop is None:
         loop = jax.default_backend() == "cpu"
     if not loop:
         reduce = _REDUCTIONS[combine]
         return jax.tree_util.tree_map(lambda a: reduce(a, axis=0), jax.vmap(term)(jnp.arange(slots)))
     step = lambda m, acc: jax.tree_util.tree_map(combine, acc, term(m))  # noqa: E731
-    return jax.lax.fori_loop(1, slots, step, term(0))
+    return jax.lax.fori_loop(1, slots if stop is None else stop, step, term(0))
 
 
 def dense_pairs(system):
@@ -116,7 +124,16 @@ def list_pairs(system, nbrs, cutoff=None):
     valid = valid & system.mask[None, :] & system.mask[j]
     cell = system.cell if system.periodic else jnp.zeros((3, 3), x.dtype)
     r, mask = _list_distances(x, cell, j, nbrs.shifts, valid, float(cutoff))
-    return Pairs(r, mask, j, nbrs.self_images)
+    return Pairs(r, mask, j, nbrs.self_images, occupied_slots(mask))
+
+
+def occupied_slots(mask):
+    """1 + the last slot of a slot-major (M, N) ``mask`` that holds a pair (at least 1): the
+    neighbour list orders each atom's slots by distance (``neighbors``), so the pairs within a
+    cutoff shorter than the list's occupy a leading block of slots."""
+    used = jnp.any(mask, axis=1)
+    last = used.shape[0] - jnp.argmax(used[::-1])
+    return jnp.where(jnp.any(used), last, 1).astype(jnp.int32)
 
 
 def _pair_components(x, cell, j, shifts):
@@ -143,6 +160,7 @@ def _list_distances_fwd(x, cell, j, shifts, valid, cutoff):
 def _list_distances_bwd(cutoff, res, cotangents):
     x, cell, j, shifts, r, mask = res
     g = cotangents[0]
+    stop = occupied_slots(mask)
 
     def slot(m):  # the pair vectors are recomputed per slot: cheaper than storing three (M, N) arrays
         d = _pair_components(x, cell, j[m], shifts[m])
@@ -150,7 +168,7 @@ def _list_distances_bwd(cutoff, res, cotangents):
         n = shifts[m].astype(w.dtype)
         return tuple(w * dk for dk in d), tuple(tuple(w * dk * n[a] for dk in d) for a in range(3))
 
-    wd, wdn = slot_sum(slot, j.shape[0])
+    wd, wdn = slot_sum(slot, j.shape[0], stop=stop)
     # slot (m, i) moves r_mi by −r̂ per unit of x_i; its mirror (j → i) by the same amount
     xbar = -2.0 * jnp.stack(wd, axis=1)
     return xbar, jnp.stack([jnp.stack([jnp.sum(v) for v in row]) for row in wdn]), None, None, None

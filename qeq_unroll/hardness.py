@@ -22,8 +22,8 @@ class Hardness(NamedTuple):
 
     ``matrix`` (N, N): the dense part (dense layouts; None for lists). ``diagonal`` (N,): diag(H),
     every part included. List layout: ``values`` (M, N) couplings to ``neighbors`` (M, N)
-    (slot-major, see ``neighbors.NeighborList``) and
-    ``base`` (N,) the diagonal without self-image couplings. ``lowrank`` (N, P): adds U Uᵀ
+    (slot-major, see ``neighbors.NeighborList``), ``base`` (N,) the diagonal without self-image
+    couplings and ``occupied`` the leading slots that hold every non-zero value (``geometry.Pairs``). ``lowrank`` (N, P): adds U Uᵀ
     (Ewald reciprocal space). ``uniform`` (scalar) with ``real`` (N,) 0/1: adds c u uᵀ (the
     neutralising background, the same for every pair). ``operator``: adds a symmetric matrix-free
     term with ``matvec(q)`` and ``dense()`` (``pme.MeshOperator``)."""
@@ -37,13 +37,14 @@ class Hardness(NamedTuple):
     uniform: jax.Array | None = None
     real: jax.Array | None = None
     operator: object = None
+    occupied: jax.Array | None = None
 
     def matvec(self, q):
         """H q (eV/e for q in e)."""
         if self.matrix is not None:
             out = self.matrix @ q
         else:
-            out = self.base * q + symmetric_list_matvec(self.values, self.neighbors, q)
+            out = self.base * q + symmetric_list_matvec(self.values, self.neighbors, q, self.occupied)
         if self.lowrank is not None:
             out = out + self.lowrank @ (self.lowrank.T @ q)
         if self.uniform is not None:
@@ -71,25 +72,26 @@ class Hardness(NamedTuple):
 
 
 @jax.custom_vjp
-def symmetric_list_matvec(values, neighbors, q):
+def symmetric_list_matvec(values, neighbors, q, occupied=None):
     """y_i = Σ_m values_mi q_{neighbors_mi} for a *symmetric* slot-major neighbour list (every
     pair stored in both directions with equal values, as ``neighbors.NeighborList`` builds it),
     one fused pass per slot (``geometry.slot_sum``). Its transpose is itself, so the derivative
     with respect to q is one more gather (no scatter); the derivative with respect to the values
     is split evenly between a pair's two slots, ½(ȳ_i q_j + q_i ȳ_j), the derivative along
     symmetric changes of H (the only ones there are), which keeps the cotangents of a pair's two
-    distances equal (see ``geometry.list_pairs``)."""
-    return slot_sum(lambda m: values[m] * q[neighbors[m]], values.shape[0])
+    distances equal (see ``geometry.list_pairs``). ``occupied``: values are zero from that slot on,
+    and the pass stops there."""
+    return slot_sum(lambda m: values[m] * q[neighbors[m]], values.shape[0], stop=occupied)
 
 
-def _matvec_fwd(values, neighbors, q):
-    return symmetric_list_matvec(values, neighbors, q), (values, neighbors, q)
+def _matvec_fwd(values, neighbors, q, occupied):
+    return symmetric_list_matvec(values, neighbors, q, occupied), (values, neighbors, q, occupied)
 
 
 def _matvec_bwd(res, ybar):
-    values, neighbors, q = res
+    values, neighbors, q, occupied = res
     vbar = 0.5 * (ybar * q[neighbors] + q * ybar[neighbors])
-    return vbar, None, symmetric_list_matvec(values, neighbors, ybar)
+    return vbar, None, symmetric_list_matvec(values, neighbors, ybar, occupied), None
 
 
 symmetric_list_matvec.defvjp(_matvec_fwd, _matvec_bwd)
@@ -124,7 +126,9 @@ def pair_hardness(kernel, params, system, pairs, coulomb_constant, coupling=None
     if pairs.self_images:  # an atom's own images within the cutoff: their couplings are on the diagonal
         atoms = jnp.arange(s.shape[0])
         diagonal = base + slot_sum(lambda m: jnp.where(pairs.neighbors[m] == atoms, values[m], 0.0), values.shape[0])
-    return Hardness(matrix=None, diagonal=diagonal, values=values, neighbors=pairs.neighbors, base=base)
+    return Hardness(
+        matrix=None, diagonal=diagonal, values=values, neighbors=pairs.neighbors, base=base, occupied=pairs.occupied
+    )
 
 
 def add_lowrank(hardness: Hardness, factor) -> Hardness:

@@ -67,7 +67,9 @@ class NeighborList:
     ``shifts`` (M, 3, N) int8: the lattice translation n of the slot, so that the pair vector is
     x_partner − x_i + n A. Slot-major: slot m of every atom is one contiguous row, so a sum over
     an atom's slots is M vector updates of length N (see ``geometry.slot_sum``), which XLA fuses
-    into one pass on CPU. The list is *symmetric*: every pair within the cutoff is stored from
+    into one pass on CPU. Each atom's slots are in order of distance at the last build, empty
+    ones last, so the pairs within the cutoff fill a leading block and passes over the list stop
+    after it (``geometry.Pairs.occupied``). The list is *symmetric*: every pair within the cutoff is stored from
     both of its atoms (with opposite shifts), which the derivatives in ``geometry`` and
     ``hardness`` use to gather instead of scatter. ``reference_positions`` (N, 3) Å: positions at
     the last build. ``inner``: the
@@ -238,8 +240,12 @@ def _derive(nbrs, system, inner):
     m = [nbrs.replicas[:, a][rho] for a in range(3)]  # replica offsets in cell vectors
     d0 = [x[:, k][safe] - x[:, k][:, None] + sum(m[a] * cell[a, k] for a in range(3)) for k in range(3)]
     image = [jnp.round(sum(d0[a] * inv[a, k] for a in range(3))) * pbc[k] for k in range(3)]
-    shifts = jnp.stack([jnp.where(valid, m[a] - reps[a] * image[a], 0.0).T for a in range(3)], axis=1)
-    shifts = shifts.astype(jnp.int8)
+    shifts = [jnp.where(valid, m[a] - reps[a] * image[a], 0.0) for a in range(3)]
+    # each atom's slots by distance, empty ones last: pairs within a shorter cutoff lead the list
+    d = [x[:, k][safe] - x[:, k][:, None] + sum(shifts[a] * cell[a, k] for a in range(3)) for k in range(3)]
+    key = jnp.where(valid, d[0] * d[0] + d[1] * d[1] + d[2] * d[2], jnp.inf)
+    _, partner, *shifts = jax.lax.sort((key, partner, *[s.astype(jnp.int8) for s in shifts]), dimension=1, num_keys=1)
+    shifts = jnp.stack([s.T for s in shifts], axis=1)
     return dataclasses.replace(nbrs, partner=partner.T, shifts=shifts, reference_positions=x, inner=inner)
 
 

@@ -178,3 +178,39 @@ def test_list_matvec_and_diagonal_equal_dense():
         np.testing.assert_allclose(h.matvec(q), dense @ q, rtol=0, atol=1e-12)
         np.testing.assert_allclose(h.diagonal, np.diagonal(dense), rtol=0, atol=1e-12)
 
+
+
+def test_list_slots_by_distance_and_passes_stop_after_the_occupied_block():
+    """Each atom's slots are in order of distance at the build, empty slots last, so the pairs
+    within the cutoff fill a leading block: the list passes (H q and the force pass) stop after it
+    and still equal the dense operator and a fresh list once atoms have moved (no rebuild)."""
+    from qeq_unroll.energy import qeq_problem
+    from qeq_unroll.geometry import list_pairs
+
+    pos, kinds, cell = rock_salt(3, rattle=0.05, seed=6)
+    system = system_of(pos, kinds, cell)
+    nbrs = qu.neighbor_list(system, 5.5, skin=1.0)
+    partner, shifts = np.asarray(nbrs.partner), np.asarray(nbrs.shifts).astype(float)
+    n = len(pos)
+    empty = partner == n
+    d = pos[np.where(empty, 0, partner)] - pos[None] + np.einsum("man,ak->mnk", shifts, cell)
+    r = np.where(empty, 1e9, np.linalg.norm(d, axis=-1))
+    assert np.all(np.diff(r, axis=0) >= 0)  # sorted per atom, empty slots last
+    pairs = list_pairs(system, nbrs)
+    occupied = int(pairs.occupied)
+    assert occupied < nbrs.capacity - 10  # the skin shell and the spare capacity are skipped
+    assert np.any(np.asarray(pairs.mask)[occupied - 1]) and not np.any(np.asarray(pairs.mask)[occupied:])
+
+    rng = np.random.default_rng(8)
+    moved = dataclasses.replace(system, positions=system.positions + rng.uniform(-0.28, 0.28, pos.shape))
+    h = jax.jit(lambda s, nb: qeq_problem(qu.ReaxFF(cutoff=5.5), PARAMS, s, 1.0, nb).hardness)(moved, nbrs)
+    assert int(h.occupied) > occupied  # pairs from further down the build order moved within the cutoff
+    q = jax.numpy.asarray(rng.normal(size=n))
+    np.testing.assert_allclose(h.matvec(q), np.asarray(h.dense()) @ q, rtol=0, atol=1e-12)
+    energy = qu.qeq_energy(qu.ReaxFF(cutoff=5.5), qu.CG(iterations=4), "unrolled")
+    efs = jax.jit(qu.energy_forces_stress(energy))
+    e, f, s, _ = efs(PARAMS, moved, nbrs)
+    e0, f0, s0, _ = efs(PARAMS, moved, energy.neighbors(moved, layout="images"))
+    assert abs(float(e - e0)) < 1e-10
+    np.testing.assert_allclose(f, f0, atol=1e-10)
+    np.testing.assert_allclose(s, s0, atol=1e-12)
