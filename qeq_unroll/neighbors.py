@@ -4,13 +4,16 @@ Two layouts, both pytrees that an energy function takes as its ``neighbors`` arg
 
 - :class:`ImageList` (small periodic cells, the clear and exact reference): every pair (i, j) for
   every lattice translation that can bring them within the cutoff. Memory O(S N²).
-- :class:`NeighborList` (any size, memory O(N)): a jax-md neighbour list
-  (``jax_md.partition.neighbor_list`` over ``jax_md.space.periodic_general`` in fractional
-  coordinates) built with a cutoff plus a ``skin`` and reused until an atom has moved more than
-  skin/2. Cells thinner than 2 (cutoff + skin) are replicated R_a × R_b × R_c times before the
-  search, so every image within the cutoff, an atom's own images included, is a distinct entry
-  of the list; the image of each entry is recovered by the minimum-image rule of that supercell.
-  Non-periodic directions are embedded in a vacuum slab twice as thick as needed.
+- :class:`NeighborList` (any size, memory O(N)): every pair within a cutoff plus a ``skin``,
+  reused until an atom has moved more than skin/2. The search bins the atoms into a jax-md cell
+  list (``jax_md.partition.cell_list``, in fractional coordinates of the search cell) and visits
+  the atoms in batches of :data:`SEARCH_BATCH`, each against the 27 cells around it, so its
+  scratch memory is bounded by the batch, not by N (a search over all atoms at once holds every
+  atom's candidates: about 10⁵ bytes per atom). Cells thinner than 2 (cutoff + skin) are
+  replicated R_a × R_b × R_c times before the search, so every image within the cutoff, an atom's
+  own images included, is a distinct entry of the list; the image of each entry is recovered by
+  the minimum-image rule of that supercell. Non-periodic directions are embedded in a vacuum
+  slab twice as thick as needed.
 
 A list is *allocated* on the host (:func:`neighbor_list`) and *updated* inside ``jax.jit``
 (:func:`update_neighbors`): the update rebuilds it at its fixed capacity when needed and raises
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,8 @@ from .periodic import frame, heights, image_shifts
 
 #: Default skin (Å) of neighbour lists.
 DEFAULT_SKIN = 1.0
+#: Atoms per batch of the neighbour search (its scratch memory is this many atoms' candidates).
+SEARCH_BATCH = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,20 +73,23 @@ class NeighborList:
     an atom's slots is M vector updates of length N (see ``geometry.slot_sum``), which XLA fuses
     into one pass on CPU. Each atom's slots are in order of distance at the last build, empty
     ones last, so the pairs within the cutoff fill a leading block and passes over the list stop
-    after it (``geometry.Pairs.occupied``). The list is *symmetric*: every pair within the cutoff is stored from
-    both of its atoms (with opposite shifts), which the derivatives in ``geometry`` and
-    ``hardness`` use to gather instead of scatter. ``reference_positions`` (N, 3) Å: positions at
-    the last build. ``inner``: the
-    jax-md list of the replicated system (atom j of replica ρ is ρ N + j). ``to_fractional``
-    (3, 3), ``origin`` (3,) Å: the search frame; ``replicas`` (R, 3) integer replica offsets;
-    ``reference_cell``: the cell at allocation; ``slab_limit`` (3,): largest fractional coordinate
-    allowed along non-periodic directions; ``overflow``: True when the list cannot be trusted.
-    Static: ``cutoff``, ``skin`` (Å), ``replicate`` (R_a, R_b, R_c), ``n_atoms``."""
+    after it (``geometry.Pairs.occupied``). The list is *symmetric*: every pair within the
+    cutoff is stored from both of its atoms (with opposite shifts), which the derivatives in
+    ``geometry`` and ``hardness`` use to gather instead of scatter. ``reference_positions``
+    (N, 3) Å: positions at the last build. ``cells``: the jax-md cell list of the replicated
+    system (atom j of replica ρ is ρ N + j), None when the search cell is too thin for three cells
+    a side (every atom is then a candidate). ``search`` (3, 3) Å (rows), ``to_fractional`` its
+    inverse, ``origin`` (3,) Å: the search frame; ``replicas`` (R, 3) integer replica offsets;
+    ``reference_cell``: the cell at allocation; ``slab_limit`` (3,): largest fractional
+    coordinate allowed along non-periodic directions; ``overflow``: True when the list cannot be
+    trusted. Static: ``cutoff``, ``skin`` (Å), ``replicate`` (R_a, R_b, R_c), ``n_atoms``,
+    ``grid`` (cells a side of the cell list, 0 without one)."""
 
     partner: jax.Array
     shifts: jax.Array
     reference_positions: jax.Array
-    inner: object
+    cells: object
+    search: jax.Array
     to_fractional: jax.Array
     origin: jax.Array
     replicas: jax.Array
@@ -93,6 +100,7 @@ class NeighborList:
     skin: float = DEFAULT_SKIN
     replicate: tuple = (1, 1, 1)
     n_atoms: int = 0
+    grid: int = 0
 
     @property
     def capacity(self) -> int:
@@ -112,10 +120,10 @@ class NeighborList:
 jax.tree_util.register_dataclass(
     NeighborList,
     data_fields=[
-        "partner", "shifts", "reference_positions", "inner", "to_fractional", "origin",
+        "partner", "shifts", "reference_positions", "cells", "search", "to_fractional", "origin",
         "replicas", "reference_cell", "overflow", "slab_limit",
     ],
-    meta_fields=["cutoff", "skin", "replicate", "n_atoms"],
+    meta_fields=["cutoff", "skin", "replicate", "n_atoms", "grid"],
 )  # fmt: skip
 
 
@@ -164,70 +172,104 @@ def _fractional(positions, cell, replicas, to_fractional, origin):
     return jnp.mod(x @ to_fractional, 1.0)
 
 
+def _candidates(cells, grid, count):
+    """i → the (K,) atoms of the replicated system that may lie within reach of atom i: those of
+    the 27 cells around its cell, or all ``count`` of them without a cell list. Empty cell slots
+    hold ``count``."""
+    if cells is None:
+        everyone = jnp.arange(count, dtype=jnp.int32)
+        return lambda i: everyone
+    table = cells.id_buffer.reshape(-1, cells.cell_capacity)  # row = cell hash Σ_d c_d grid^d
+    weights = jnp.asarray([1, grid, grid * grid], jnp.int32)
+    around = jnp.asarray(np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3), jnp.int32)
+
+    def candidates(i):
+        cell = jnp.mod(cells.particle_cell_id[i] + around, grid)
+        return table[jnp.sum(cell * weights, axis=1)].reshape(-1)
+
+    return candidates
+
+
+def _search(nbrs, frac, cells, capacity=None):
+    """Each real-cell atom's partners within reach (cutoff + skin) among the replicated atoms
+    (fractional coordinates ``frac`` (N R, 3)), in batches of :data:`SEARCH_BATCH` atoms: ``(idx,
+    count)`` with idx (N, capacity) replicated-atom indices in order of distance (N R where empty)
+    and count (N,) the partners found; only ``count`` when ``capacity`` is None (jittable)."""
+    total = frac.shape[0]
+    reach = nbrs.cutoff + nbrs.skin
+    candidates = _candidates(cells, nbrs.grid, total)
+
+    def row(i):
+        j = candidates(i)
+        ds = frac[jnp.minimum(j, total - 1)] - frac[i]
+        d = (ds - jnp.round(ds)) @ nbrs.search  # minimum image of the search cell, Å
+        r2 = jnp.sum(d * d, axis=-1)
+        found = (j < total) & (j != i) & (r2 < reach * reach)
+        count = jnp.sum(found, dtype=jnp.int32)
+        if capacity is None:
+            return count
+        # float32 keys: XLA's CPU top-k is a partial sort for them (several times faster than for
+        # float64); the order only decides which slots lead the list, never which pairs are in it
+        nearest, slot = jax.lax.top_k(jnp.where(found, -r2, -jnp.inf).astype(jnp.float32), capacity)
+        return jnp.where(nearest > -jnp.inf, j[slot], total).astype(jnp.int32), count
+
+    return jax.lax.map(row, jnp.arange(nbrs.n_atoms), batch_size=min(SEARCH_BATCH, nbrs.n_atoms))
+
+
 def neighbor_list(system, cutoff, skin=DEFAULT_SKIN, capacity_multiplier=1.25) -> NeighborList:
     """Allocate a neighbour list of ``system`` for pairs within ``cutoff`` Å (host, not jittable).
 
     The capacity is the largest neighbour count found within cutoff + skin times
-    ``capacity_multiplier``. Free-space systems are searched in a box of vacuum."""
-    from jax_md import partition, space  # noqa: PLC0415 - heavy import, only for lists
+    ``capacity_multiplier`` (also the spare room of the cell list). Free-space systems are
+    searched in a box of vacuum."""
+    from jax_md import partition  # noqa: PLC0415 - heavy import, only for lists
 
     cutoff = _check_cutoff(cutoff)
     if not (math.isfinite(skin) and skin >= 0):
         raise QEqInputError(f"skin must be a non-negative number of Å, got {skin}")
+    if not (math.isfinite(capacity_multiplier) and capacity_multiplier > 0):
+        raise QEqInputError(f"capacity_multiplier must be a positive number, got {capacity_multiplier}")
     reach = cutoff + skin
     replicate, grid, search, origin, slab_limit = _search_frame(system, reach)
-    # jax-md takes an upper-triangular box (columns are cell vectors) with the same metric
-    gram = search @ search.T
-    box = np.linalg.cholesky(gram).T
-    displacement, _ = space.periodic_general(jnp.asarray(box), fractional_coordinates=True)
-    fn = partition.neighbor_list(
-        displacement,
-        jnp.asarray(box),
-        cutoff,
-        dr_threshold=skin,
-        capacity_multiplier=capacity_multiplier,
-        fractional_coordinates=True,
-        format=partition.NeighborListFormat.Dense,
-    )
     dtype = system.positions.dtype
-    to_fractional = jnp.asarray(np.linalg.inv(search), dtype=dtype)
-    replicas = jnp.asarray(grid, dtype=dtype)
-    origin = jnp.asarray(origin, dtype=dtype)
-    cell = system.cell if system.periodic else None
-    frac = _fractional(system.positions, cell, replicas, to_fractional, origin)
-    with warnings.catch_warnings():  # jax-md mixes int32/int64 index dtypes under x64
-        warnings.simplefilter("ignore", FutureWarning)
-        inner = fn.allocate(frac)
-    if inner.cell_size is not None:  # jax-md keeps an array as static metadata; JAX compares those
-        inner = dataclasses.replace(inner, cell_size=tuple(np.atleast_1d(np.asarray(inner.cell_size)).tolist()))
     n = system.positions.shape[0]
-    m = inner.idx.shape[1]
-    reference_cell = system.cell if system.periodic else jnp.eye(3, dtype=dtype)
+    side = int(math.floor(float(np.min(heights(search, (True, True, True)))) / reach))
     nbrs = NeighborList(
-        partner=jnp.full((m, n), n, jnp.int32),
-        shifts=jnp.zeros((m, 3, n), jnp.int8),
+        partner=None,
+        shifts=None,
         reference_positions=system.positions,
-        inner=inner,
-        to_fractional=to_fractional,
-        origin=origin,
-        replicas=replicas,
-        reference_cell=reference_cell,
+        cells=None,
+        search=jnp.asarray(search, dtype=dtype),
+        to_fractional=jnp.asarray(np.linalg.inv(search), dtype=dtype),
+        origin=jnp.asarray(origin, dtype=dtype),
+        replicas=jnp.asarray(grid, dtype=dtype),
+        reference_cell=system.cell if system.periodic else jnp.eye(3, dtype=dtype),
         overflow=jnp.asarray(False),
         slab_limit=jnp.asarray(slab_limit, dtype=dtype),
         cutoff=cutoff,
         skin=float(skin),
         replicate=replicate,
         n_atoms=n,
+        grid=side if side >= 3 else 0,
     )
-    nbrs = jax.jit(_derive)(nbrs, system, inner)
-    return dataclasses.replace(nbrs, overflow=_flags(nbrs, system, inner))
+    cell = system.cell if system.periodic else None
+    frac = _fractional(system.positions, cell, nbrs.replicas, nbrs.to_fractional, nbrs.origin)
+    if nbrs.grid:  # cells at least ``reach`` thick: the 27 around an atom hold all its partners
+        cells = partition.cell_list(1.0, (1.0 - 1e-9) / nbrs.grid, capacity_multiplier).allocate(frac)
+        nbrs = dataclasses.replace(nbrs, cells=cells)
+    count = jax.jit(_search)(nbrs, frac, nbrs.cells)
+    width = frac.shape[0] if nbrs.cells is None else 27 * nbrs.cells.cell_capacity
+    capacity = max(1, min(width, int(int(jnp.max(count)) * capacity_multiplier)))
+    idx, count = jax.jit(_search, static_argnums=3)(nbrs, frac, nbrs.cells, capacity)
+    nbrs = jax.jit(_derive)(nbrs, system, idx)
+    lost = jnp.any(count > capacity) | (False if nbrs.cells is None else nbrs.cells.did_buffer_overflow)
+    return dataclasses.replace(nbrs, overflow=lost | _flags(nbrs, system))
 
 
-def _derive(nbrs, system, inner):
-    """Partner atoms and lattice shifts from the jax-md list ``inner`` (jittable)."""
+def _derive(nbrs, system, idx):
+    """Partner atoms and lattice shifts from the search result ``idx`` (N, M) (jittable)."""
     n = nbrs.n_atoms
     sentinel = n * nbrs.replicas.shape[0]
-    idx = inner.idx[:n]
     valid = idx < sentinel
     partner = jnp.where(valid, idx % n, n).astype(jnp.int32)
     safe = jnp.where(valid, partner, 0)
@@ -240,19 +282,15 @@ def _derive(nbrs, system, inner):
     m = [nbrs.replicas[:, a][rho] for a in range(3)]  # replica offsets in cell vectors
     d0 = [x[:, k][safe] - x[:, k][:, None] + sum(m[a] * cell[a, k] for a in range(3)) for k in range(3)]
     image = [jnp.round(sum(d0[a] * inv[a, k] for a in range(3))) * pbc[k] for k in range(3)]
-    shifts = [jnp.where(valid, m[a] - reps[a] * image[a], 0.0) for a in range(3)]
-    # each atom's slots by distance, empty ones last: pairs within a shorter cutoff lead the list
-    d = [x[:, k][safe] - x[:, k][:, None] + sum(shifts[a] * cell[a, k] for a in range(3)) for k in range(3)]
-    key = jnp.where(valid, d[0] * d[0] + d[1] * d[1] + d[2] * d[2], jnp.inf)
-    _, partner, *shifts = jax.lax.sort((key, partner, *[s.astype(jnp.int8) for s in shifts]), dimension=1, num_keys=1)
-    shifts = jnp.stack([s.T for s in shifts], axis=1)
-    return dataclasses.replace(nbrs, partner=partner.T, shifts=shifts, reference_positions=x, inner=inner)
+    shifts = jnp.stack([jnp.where(valid, m[a] - reps[a] * image[a], 0.0).T for a in range(3)], axis=1)
+    shifts = shifts.astype(jnp.int8)
+    return dataclasses.replace(nbrs, partner=partner.T, shifts=shifts, reference_positions=x)
 
 
-def _flags(nbrs, system, inner):
-    """True when the list cannot be trusted for ``system``: capacity overflow, changed cell, or an
-    atom outside the vacuum slab of a non-periodic direction."""
-    bad = jnp.asarray(inner.did_buffer_overflow)
+def _flags(nbrs, system):
+    """True when the list cannot be trusted for ``system``: changed cell, or an atom outside the
+    vacuum slab of a non-periodic direction."""
+    bad = jnp.asarray(False)
     if system.periodic:
         bad = bad | jnp.any(jnp.abs(system.cell - nbrs.reference_cell) > 1e-9)
     if not all(system.pbc):
@@ -266,7 +304,9 @@ def _flags(nbrs, system, inner):
 def update_neighbors(nbrs: NeighborList, system) -> NeighborList:
     """The list for the current positions (jittable, fixed capacity): rebuilt when a real atom
     moved more than skin/2 (Cartesian, so a wrapped atom counts as moved) since the last build,
-    else unchanged. Check ``.overflow`` before trusting it."""
+    else unchanged. ``.overflow`` is set (and stays set) when an atom found more partners than the
+    capacity, a cell of the cell list overflowed, the cell changed or an atom left the vacuum
+    slab: check it before trusting the list."""
     x = system.positions
     moved = jnp.sum((x - nbrs.reference_positions) ** 2, axis=1)
     need = jnp.any(system.mask & (moved > (0.5 * nbrs.skin) ** 2))
@@ -274,16 +314,15 @@ def update_neighbors(nbrs: NeighborList, system) -> NeighborList:
     def rebuild(nbrs):
         cell = system.cell if system.periodic else None
         frac = _fractional(x, cell, nbrs.replicas, nbrs.to_fractional, nbrs.origin)
-        # jax-md rebuilds when its reference is far away: move it by half a cell
-        inner = dataclasses.replace(nbrs.inner, reference_position=jnp.mod(frac + 0.5, 1.0))
-        with warnings.catch_warnings():  # jax-md mixes int32/int64 index dtypes under x64
-            warnings.simplefilter("ignore", FutureWarning)
-            inner = inner.update(frac)
-        return _derive(nbrs, system, inner)
+        cells = None if nbrs.cells is None else nbrs.cells.update(frac)
+        idx, count = _search(nbrs, frac, cells, nbrs.capacity)
+        lost = jnp.any(count > nbrs.capacity)
+        if cells is not None:
+            lost = lost | cells.did_buffer_overflow
+        return dataclasses.replace(_derive(nbrs, system, idx), cells=cells, overflow=nbrs.overflow | lost)
 
     new = jax.lax.cond(need, rebuild, lambda nbrs: nbrs, nbrs)
-    return dataclasses.replace(new, overflow=nbrs.overflow | _flags(new, system, new.inner))
-
+    return dataclasses.replace(new, overflow=new.overflow | _flags(new, system))
 
 
 @dataclasses.dataclass(frozen=True)
