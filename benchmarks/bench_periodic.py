@@ -12,7 +12,7 @@ XLA runs single-threaded), in one run:
 - A tight reference: qeq-unroll CG to a relative residual of 1e-12; both codes' charge errors
   are max |q − q_ref|.
 - qeq-unroll: one jitted call of energy + forces + charges (``energy_and_forces``, matrix-free
-  over a jax-md neighbour list, skin 1 Å, built beforehand as in MD; CG with implicit forces) at the
+  over a neighbour list, skin 1 Å, built beforehand as in MD; CG with implicit forces) at the
   loosest CG tolerance of a fixed ladder whose charge error is no larger than LAMMPS's. Median of
   repeats after JIT warm-up. The neighbour list is built once per structure (reported apart: in MD
   it is reused and rebuilt only when atoms move more than skin/2).
@@ -232,11 +232,11 @@ def table(rows, ns, t_ours, t_lammps, wall, load):
         f"whole run {wall / 60:.1f} min; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, "
         f"on {os.cpu_count()} cores). Rattled rock-salt NaCl (a = 5.64 Å, 0.1 Å rattle), reaxff kernel, "
         "r_c = 10 Å, k_e = 14.4. LAMMPS: `fix qeq/reaxff` tol 1e-6, cold start, time per solve = `run 0` with the "
-        "fix minus without. Ours: one jitted energy + forces + charges call over a prebuilt jax-md neighbour list "
+        "fix minus without. Ours: one jitted energy + forces + charges call over a prebuilt neighbour list "
         "(skin 1 Å), CG with implicit forces at the loosest tolerance whose charge error is at most LAMMPS's. "
         "Charge errors are max |q − q_ref| against a CG solve to 1e-12. Memory: XLA buffers of our compiled "
-        "evaluation and the stored neighbour list, per atom, and of a jitted list rebuild (jax-md's cell-list "
-        "search, which dominates). Medians of repeats after JIT warm-up; this 2-core machine is shared, so ratios "
+        "evaluation and the stored neighbour list, per atom, and of a jitted list rebuild (a jax-md cell list "
+        "and the search in batches of atoms). Medians of repeats after JIT warm-up; this 2-core machine is shared, so ratios "
         "move by tens of percent between runs.",
         "",
         "| N | time ours / LAMMPS | iterations ours / LAMMPS | charge error ours / LAMMPS (e) | our tol | peak memory / atom: evaluation + list | list rebuild peak / atom | list allocation (s, once) |",

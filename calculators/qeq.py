@@ -48,7 +48,7 @@ class QEqCalculator(Calculator):
     reciprocal: the gaussian kernel's reciprocal-space method in periodic cells, "auto" | "ewald"
     (exact k-sum) | "pme" (particle-mesh Ewald), None: the kernel's default.
     skin: Å, of neighbour lists (periodic cells); neighbor_layout: "auto" | "images" (dense, small
-    cells) | "list" (jax-md neighbour list, O(N) memory), see ``qeq_unroll.neighbors.build``. fragments: a label 0..F-1 per atom (or
+    cells) | "list" (neighbour list over a jax-md cell list, O(N) memory), see ``qeq_unroll.neighbors.build``. fragments: a label 0..F-1 per atom (or
     ``atoms.arrays["fragments"]``): each fragment's charge is fixed, fragment_charges (F,) e (None:
     the initial charges summed per fragment). field: uniform electric field (3,) in V/Å, along
     non-periodic directions only (energy −Σ q_i E·r_i).
