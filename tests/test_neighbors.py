@@ -30,6 +30,16 @@ def fresh(system):
     return _REFERENCE_EFS(PARAMS, system, _REFERENCE.neighbors(system, layout="images"))
 
 
+def assert_equals_images(energy, system, nbrs):
+    """Energy, forces and stress over the list ``nbrs`` equal those of the dense image layout."""
+    efs = jax.jit(qu.energy_forces_stress(energy))
+    e, f, s, _ = efs(PARAMS, system, nbrs)
+    e0, f0, s0, _ = efs(PARAMS, system, energy.neighbors(system, layout="images"))
+    assert abs(float(e - e0)) < 1e-10
+    np.testing.assert_allclose(f, f0, atol=1e-10)
+    np.testing.assert_allclose(s, s0, atol=1e-12)
+
+
 def test_update_rebuilds_inside_jit_and_stays_exact():
     """Move atoms step by step beyond skin/2: the jitted update rebuilds the list at fixed
     capacity (same compiled function), and every step equals a from-scratch list."""
@@ -207,13 +217,7 @@ def test_list_slots_by_distance_and_passes_stop_after_the_occupied_block():
     assert int(h.occupied) > occupied  # pairs from further down the build order moved within the cutoff
     q = jax.numpy.asarray(rng.normal(size=n))
     np.testing.assert_allclose(h.matvec(q), np.asarray(h.dense()) @ q, rtol=0, atol=1e-12)
-    energy = qu.qeq_energy(qu.ReaxFF(cutoff=5.5), qu.CG(iterations=4), "unrolled")
-    efs = jax.jit(qu.energy_forces_stress(energy))
-    e, f, s, _ = efs(PARAMS, moved, nbrs)
-    e0, f0, s0, _ = efs(PARAMS, moved, energy.neighbors(moved, layout="images"))
-    assert abs(float(e - e0)) < 1e-10
-    np.testing.assert_allclose(f, f0, atol=1e-10)
-    np.testing.assert_allclose(s, s0, atol=1e-12)
+    assert_equals_images(qu.qeq_energy(qu.ReaxFF(cutoff=5.5), qu.CG(iterations=4), "unrolled"), moved, nbrs)
 
 
 def test_cell_list_search_in_batches_finds_every_pair_and_flags_a_full_cell(monkeypatch):
@@ -233,13 +237,7 @@ def test_cell_list_search_in_batches_finds_every_pair_and_flags_a_full_cell(monk
     r = np.linalg.norm(d, axis=-1)
     brute = np.sum((r < 5.0) & (r > 0), axis=(0, 2))
     np.testing.assert_array_equal(np.sum(np.asarray(nbrs.partner) < len(pos), axis=0), brute)
-
-    efs = jax.jit(qu.energy_forces_stress(energy))
-    e, f, s, _ = efs(PARAMS, inside, nbrs)
-    e0, f0, s0, _ = efs(PARAMS, inside, energy.neighbors(inside, layout="images"))
-    assert abs(float(e - e0)) < 1e-10
-    np.testing.assert_allclose(f, f0, atol=1e-10)
-    np.testing.assert_allclose(s, s0, atol=1e-12)
+    assert_equals_images(energy, inside, nbrs)
 
     on_faces = dataclasses.replace(inside, positions=jax.numpy.asarray(pos))
     updated = jax.jit(qu.update_neighbors)(nbrs, on_faces)
