@@ -23,8 +23,8 @@ class Hardness(NamedTuple):
     ``matrix`` (N, N): the dense part (dense layouts; None for lists). ``diagonal`` (N,): diag(H),
     every part included. List layout: ``values`` (M, N) couplings to ``neighbors`` (M, N)
     (slot-major, see ``neighbors.NeighborList``), ``base`` (N,) the diagonal without self-image
-    couplings and ``occupied`` the leading slots that hold every non-zero value (``geometry.Pairs``). ``lowrank`` (N, P): adds U Uᵀ
-    (Ewald reciprocal space). ``uniform`` (scalar) with ``real`` (N,) 0/1: adds c u uᵀ (the
+    couplings and ``occupied`` the leading slots that hold every non-zero value (``geometry.Pairs``).
+    ``lowrank`` (N, P): adds U Uᵀ (Ewald reciprocal space). ``uniform`` (scalar) with ``real`` (N,) 0/1: adds c u uᵀ (the
     neutralising background, the same for every pair). ``operator``: adds a symmetric matrix-free
     term with ``matvec(q)`` and ``dense()`` (``pme.MeshOperator``)."""
 
