@@ -242,3 +242,18 @@ def test_cell_list_search_in_batches_finds_every_pair_and_flags_a_full_cell(monk
     on_faces = dataclasses.replace(inside, positions=jax.numpy.asarray(pos))
     updated = jax.jit(qu.update_neighbors)(nbrs, on_faces)
     assert bool(updated.cells.did_buffer_overflow) and bool(updated.overflow)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(cutoff=0.0), r"a neighbour search needs a positive cutoff in Å, got 0.0"),
+        (dict(skin=-0.5), r"skin must be a non-negative number of Å, got -0.5"),
+        (dict(capacity_multiplier=0.0), r"capacity_multiplier must be a positive number, got 0.0"),
+    ],
+)
+def test_bad_list_settings_are_named(kwargs, message):
+    pos, kinds, cell = rock_salt(2, rattle=0.05, seed=1)
+    settings = {"cutoff": 5.0, **kwargs}
+    with pytest.raises(qu.QEqInputError, match=message):
+        qu.neighbor_list(system_of(pos, kinds, cell), settings.pop("cutoff"), **settings)
