@@ -75,12 +75,12 @@ class Hardness(NamedTuple):
 def symmetric_list_matvec(values, neighbors, q, occupied=None):
     """y_i = Σ_m values_mi q_{neighbors_mi} for a *symmetric* slot-major neighbour list (every
     pair stored in both directions with equal values, as ``neighbors.NeighborList`` builds it),
-    one fused pass per slot (``geometry.slot_sum``). Its transpose is itself, so the derivative
-    with respect to q is one more gather (no scatter); the derivative with respect to the values
-    is split evenly between a pair's two slots, ½(ȳ_i q_j + q_i ȳ_j), the derivative along
-    symmetric changes of H (the only ones there are), which keeps the cotangents of a pair's two
-    distances equal (see ``geometry.list_pairs``). ``occupied``: values are zero from that slot on,
-    and the pass stops there."""
+    a loop of fused vector updates over the slots (``geometry.slot_sum``). Its transpose is
+    itself, so the derivative with respect to q is one more gather (no scatter); the derivative
+    with respect to the values is split evenly between a pair's two slots, ½(ȳ_i q_j + q_i ȳ_j),
+    the derivative along symmetric changes of H (the only ones there are), which keeps the
+    cotangents of a pair's two distances equal (see ``geometry.list_pairs``). ``occupied``: values
+    are zero from that slot on, and the pass stops there."""
     return slot_sum(lambda m: values[m] * q[neighbors[m]], values.shape[0], stop=occupied)
 
 

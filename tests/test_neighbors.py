@@ -153,7 +153,8 @@ def test_calculator_reallocates_on_overflow():
 
 def test_slot_sum_loop_equals_one_reduction():
     """The per-slot loop (CPU) and the single reduction over all slots (accelerators) agree, for a
-    gathered product, a pytree of terms and the minimum."""
+    gathered product, a pytree of terms and the minimum; a loop stopped at any slot sums exactly
+    the slots before it."""
     from qeq_unroll.geometry import slot_sum
 
     rng = np.random.default_rng(3)
@@ -166,13 +167,17 @@ def test_slot_sum_loop_equals_one_reduction():
         for a, b in zip(looped, reduced):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-13)
     np.testing.assert_allclose(slot_sum(product, 7)[0], np.sum(np.asarray(values) * np.asarray(q)[np.asarray(partner)], axis=0), atol=1e-13)
+    # a loop that stops early (several slots a step, then the remainder) sums the leading rows only
+    for stop in range(1, 8):
+        head = np.sum((np.asarray(values) * np.asarray(q)[np.asarray(partner)])[:stop], axis=0)
+        np.testing.assert_allclose(slot_sum(product, 7, stop=jax.numpy.int32(stop))[0], head, atol=1e-13)
 
 
 def test_list_matvec_and_diagonal_equal_dense():
-    """The slot-major list operator (one fused pass per slot) equals the dense H assembled from the
-    same couplings by scatter: products with a random vector and the diagonal, for a cell thick
-    enough to hold no own images (the diagonal's image term is skipped there) and for a replicated
-    cell whose atoms see their own images."""
+    """The slot-major list operator (a loop of fused passes over the slots) equals the dense H
+    assembled from the same couplings by scatter: products with a random vector and the diagonal,
+    for a cell thick enough to hold no own images (the diagonal's image term is skipped there) and
+    for a replicated cell whose atoms see their own images."""
     from qeq_unroll.energy import qeq_problem
 
     rng = np.random.default_rng(7)
