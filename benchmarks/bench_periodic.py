@@ -38,7 +38,7 @@ from pathlib import Path
 
 #: glibc malloc settings for the run: one arena, no mmap, no trimming. XLA allocates its buffers
 #: afresh at every call, and glibc returns blocks over 32 MB to the kernel when they are freed, so
-#: each call faulted those pages in again (250000 page faults, about 15 % of an energy + forces call
+#: each call faulted those pages in again (250000 page faults, about 13 % of an energy + forces call
 #: on PME at 32768 atoms). Kept in the process, the memory is reused. glibc reads these when the
 #: process starts: the script runs itself again once with them set.
 MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
