@@ -64,6 +64,11 @@ COARSE_ORDER = 4
 #: this; on shorter waves the PME term is too weak for the preconditioner to correct anything.
 COARSE_DECAY = 1e-2
 
+#: ``MeshPreconditioner`` refines only where the Ewald-smoothed weight density an atom sees, Σρ²/Σρ,
+#: is within this fraction of the cell's mean (bulk cells: below 1e-3; a slab with as much vacuum as
+#: matter: 1).
+HOMOGENEITY = 0.01
+
 
 @dataclasses.dataclass(frozen=True)
 class Mesh:
@@ -195,14 +200,15 @@ class MeshOperator:
     """The PME reciprocal term as a matrix-free operator (eV/e²): ``start`` (N, 3) the first mesh
     point of each atom's p × p × p block, ``weight`` (N, 3, p) the B-spline weights of the block's
     points along each cell vector (zero on padding), ``influence`` (K_a, K_b, K_c//2 + 1) the
-    influence function times M on the rfft half mesh, ``self_value`` (scalar) the diagonal,
-    ``coarse`` the same term on the preconditioner's coarser mesh (a MeshOperator, or None). Blocks
+    influence function times M on the rfft half mesh, ``smoothing`` (same shape) the Ewald
+    split's factor exp(−k²/4α²) per mode, ``self_value`` (scalar) the diagonal, ``coarse`` the same term on the preconditioner's coarser mesh (a MeshOperator, or None). Blocks
     live on the mesh padded by p − 1 points per direction, folded back periodically. Static
     ``shape``."""
 
     start: jax.Array
     weight: jax.Array
     influence: jax.Array
+    smoothing: jax.Array
     self_value: jax.Array
     coarse: object = None
     shape: tuple = (1, 1, 1)
@@ -242,7 +248,7 @@ class MeshOperator:
 
 
 jax.tree_util.register_dataclass(
-    MeshOperator, data_fields=["start", "weight", "influence", "self_value", "coarse"], meta_fields=["shape"]
+    MeshOperator, data_fields=["start", "weight", "influence", "smoothing", "self_value", "coarse"], meta_fields=["shape"]
 )
 
 
@@ -273,13 +279,14 @@ def _operator(positions, cell, alpha, mask, coulomb_constant, shape, p) -> MeshO
     k2 = jnp.sum(kvec * kvec, axis=-1)
     keep = jnp.asarray(~nyquist & (np.sum(grid != 0, axis=-1) > 0))
     safe = jnp.where(keep, k2, 1.0)
-    green = jnp.where(keep, coulomb_constant * 4.0 * math.pi / volume(cell) * jnp.exp(-safe / (4 * alpha**2)) / safe, 0.0)
+    smoothing = jnp.exp(-k2 / (4 * alpha**2))
+    green = jnp.where(keep, coulomb_constant * 4.0 * math.pi / volume(cell) * smoothing / safe, 0.0)
     moduli = [spline_moduli(k, p) for k in shape]
     bb = np.einsum("a,b,c->abc", moduli[0], moduli[1], moduli[2][: shape[2] // 2 + 1])
     influence = green * jnp.asarray(bb * math.prod(shape), positions.dtype)
     multiplicity = np.where((np.arange(shape[2] // 2 + 1) == 0) | (2 * np.arange(shape[2] // 2 + 1) == shape[2]), 1.0, 2.0)
     self_value = jnp.sum(green * jnp.asarray(multiplicity, positions.dtype))
-    return MeshOperator(start, weight, influence, self_value, None, tuple(shape))
+    return MeshOperator(start, weight, influence, smoothing, self_value, None, tuple(shape))
 
 
 def spline_autocorrelation(size, order):
@@ -302,9 +309,10 @@ class MeshPreconditioner:
     P − P Wᵀ (C⁻¹ + W P Wᵀ)⁻¹ W P. The mesh operator W P Wᵀ is replaced by the translation-invariant
     one with symbol
 
-        s(m) = (Σ_i 1/D_i) / M · a(m_a) a(m_b) a(m_c)        (e²/eV per mode, M mesh points),
+        s(m) = ρ̄ · a(m_a) a(m_b) a(m_c)        (e²/eV per mode),
 
-    its average over atom positions (a: ``spline_autocorrelation``); on a mode where it is exact,
+    its average over atom positions (a: ``spline_autocorrelation``; ρ̄ the weight density below,
+    (Σ_i 1/D_i) / M on bulk cells, M mesh points); on a mode where it is exact,
     x = c s (dimensionless) and the Woodbury factor is 1 − x/(1 + x) = 1/(1 + x). That factor is
     applied as a square, so that M is positive semi-definite whatever W P Wᵀ is (the subtractive
     Woodbury form turns indefinite on large disordered cells, where W P Wᵀ departs from its
@@ -320,25 +328,53 @@ class MeshPreconditioner:
     operator's ``coarse`` mesh: x falls with exp(−k²/4α²), so the short waves that only the PME
     mesh resolves need no correction. Cost per application two spreadings, four FFTs and two
     interpolations on that mesh (NaCl at accuracy 1e-6, order 6: 1/14 to 1/20 of the PME mesh points;
-    0.2 to 0.3 of one PME product in all). Without a PME term
-    (``hardness.operator`` None) it is the Jacobi preconditioner. A_ii is raised to diag(H)/10
-    where it is smaller (very wide Gaussians): any positive D keeps M positive semi-definite."""
+    0.2 to 0.3 of one PME product in all).
+
+    The density ρ̄ is the one an atom sees, Σρ²/Σρ of ρ = W w smoothed by exp(−k²/4α²) (w = 1/D):
+    the cell's mean Σ_i w_i / M for bulk matter, twice that for a slab with as much vacuum as
+    matter, whose charge waves all live in the slab (condition number of M H on such a 4096-atom
+    slab 5, against 489 with the cell's mean and 86 with Jacobi).
+
+    The translation-invariant s still misses how W P Wᵀ couples a long wave to the short ones (the
+    crystal's Bragg vectors, the two species' different D); the error is weighted by √x, which grows
+    with the cell, so M alone needs more CG iterations on larger cells (condition number 1.19 at
+    4096 atoms of rattled NaCl, 1.32 at 32768). ``refinements`` steps of iterative refinement on
+    the model B = D + Wᵀ C W (the coarse mesh's term) remove that: z ← z + M (r − B z), from
+    z = M r. With one step the preconditioned model is λ (2 − λ) for each eigenvalue λ of M B,
+    1 − (λ − 1)² near 1, so M H has the condition number of B⁻¹ H (1.09 on rattled NaCl at any N).
+    It needs λ < 2 to stay positive definite: that holds on bulk cells, whose smoothed density is
+    uniform (Σρ²/Σρ within ``HOMOGENEITY`` of the mean), and the step is skipped elsewhere (slabs,
+    random packings, where λ reaches 3 to 5). Each step costs one product with B and one
+    application of M on the coarse mesh.
+
+    Without a PME term (``hardness.operator`` None) it is the Jacobi preconditioner. A_ii is raised
+    to diag(H)/10 where it is smaller (very wide Gaussians): any positive D keeps M positive
+    semi-definite."""
+
+    refinements: int = 1
+
+    def __post_init__(self):
+        if int(self.refinements) != self.refinements or self.refinements < 0:
+            raise QEqInputError(f"refinements must be a non-negative integer, got {self.refinements}")
 
     def setup(self, problem):
         h, real = problem.hardness, problem.fragments >= 0
         op = h.operator
         if not isinstance(op, MeshOperator):
-            return jnp.where(real, 1.0 / h.diagonal, 0.0), None
+            return jnp.where(real, 1.0 / h.diagonal, 0.0), None, None
         w = jnp.where(real, 1.0 / jnp.maximum(h.diagonal - op.diagonal(), 0.1 * h.diagonal), 0.0)
         coarse = op.coarse
         k_a, k_b, k_c = coarse.shape
         a = [spline_autocorrelation(k, coarse.weight.shape[2]) for k in coarse.shape]
         power = jnp.asarray(np.einsum("a,b,c->abc", a[0], a[1], a[2][: k_c // 2 + 1]), w.dtype)
-        x = coarse.influence * (jnp.sum(w) / (k_a * k_b * k_c)) * power
-        return w, coarse.influence / (1.0 + x + jnp.sqrt(1.0 + x))
+        density = jnp.fft.irfftn(jnp.fft.rfftn(coarse.spread(w)) * coarse.smoothing, s=coarse.shape)
+        seen = jnp.sum(density * density) / jnp.maximum(jnp.sum(w), jnp.finfo(w.dtype).tiny)  # Σρ² / Σρ
+        x = coarse.influence * seen * power
+        homogeneous = seen <= (1.0 + HOMOGENEITY) * jnp.sum(w) / (k_a * k_b * k_c)
+        return w, coarse.influence / (1.0 + x + jnp.sqrt(1.0 + x)), homogeneous
 
     def apply(self, pre, residual, problem):
-        w, g = pre
+        w, g, homogeneous = pre
         jacobi = functools.partial(project, w=w, fragments=problem.fragments, n_fragments=problem.n_fragments)
         if g is None:
             return jacobi(residual)
@@ -347,5 +383,15 @@ class MeshPreconditioner:
         def smooth(v):  # Wᵀ G W v
             return coarse.interpolate(jnp.fft.irfftn(jnp.fft.rfftn(coarse.spread(v)) * g, s=coarse.shape))
 
-        u = jacobi(residual - smooth(jacobi(residual)))
-        return u - jacobi(smooth(u))
+        def woodbury(r):  # M r
+            u = jacobi(r - smooth(jacobi(r)))
+            return u - jacobi(smooth(u))
+
+        def refine(z):  # z + M (r − B z), B = D + Wᵀ C W on the coarse mesh
+            model = jnp.where(w > 0, z / jnp.where(w > 0, w, 1.0), 0.0) + coarse.matvec(z)
+            return z + woodbury(residual - model)
+
+        z = woodbury(residual)
+        for _ in range(int(self.refinements)):
+            z = jax.lax.cond(homogeneous, refine, lambda z: z, z)
+        return z
