@@ -33,7 +33,9 @@ still resolves the Ewald sphere, π/h ≥ 2α√(−ln ε), and rounds each K up
 Wᵀ C W, whose eigenvalues grow like the cell's L² and make Jacobi-preconditioned CG need ∝ L
 iterations. It works on a coarser mesh (B-splines of order ``COARSE_ORDER``), which only has to
 carry the long waves: it resolves the modes whose Ewald factor exp(−k²/4α²) is at least
-``COARSE_DECAY``, a spacing π/(2α√ln(1/δ)) against the PME mesh's π/(2α√ln(1/ε)) or finer.
+``COARSE_DECAY``, a spacing π/(2α√ln(1/δ)) against the PME mesh's π/(2α√ln(1/ε)) or finer. Its
+model takes the weight density the atoms see (a slab's, not the cell's mean), and on bulk cells
+one step of iterative refinement makes the iteration count independent of N.
 """
 
 from __future__ import annotations
