@@ -126,6 +126,23 @@ def test_implicit_cg_matches_exact_forces():
     np.testing.assert_allclose(f_cg, f_exact, atol=1e-9)
 
 
+
+def test_implicit_adjoint_starts_from_zero_not_from_the_guess():
+    """Warm-started implicit forces (the guess = the converged charges, as in MD) need no adjoint
+    iterations: its right-hand side is the forward residual, solved by zero. Capped at one
+    iteration, the forces are still the converged ones; an adjoint started from the guess (charges,
+    not multipliers) would be a cold solve, cut off after that iteration."""
+    system = FD_SYSTEM
+    _, f_exact, aux = qu.energy_and_forces(qu.qeq_energy("gaussian", qu.Exact(), "implicit"))(PARAMS, system)
+    energy = qu.qeq_energy("gaussian", qu.CG(tol=1e-10, max_iterations=1), "implicit")
+
+    def of(positions):
+        return energy(PARAMS, dataclasses.replace(system, positions=positions), guess=aux["charges"])
+
+    (_, aux_cg), grad = jax.value_and_grad(of, has_aux=True)(system.positions)
+    assert bool(aux_cg["converged"]) and int(aux_cg["iterations"]) == 0
+    np.testing.assert_allclose(-grad, f_exact, atol=1e-9)
+
 def rotation(seed):
     q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
     return q * np.sign(np.linalg.det(q))
