@@ -142,7 +142,7 @@ def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_cons
         if guess is not None:
             problem = problem._replace(guess=guess)
         q, diagnostics = gradient.charges(solver, problem)
-        e_qeq = jnp.vdot(problem.chi, q) + 0.5 * jnp.vdot(q, problem.hardness.matvec(q)) + e_const
+        e_qeq = jnp.vdot(problem.chi, q) + problem.hardness.quadratic(q) + e_const
         e_short = pair_energy(params, system.species, pairs.r, pairs.mask, pairs.neighbors)
         overflow = _unpack(neighbors)[0]
         overflow = jnp.asarray(False) if overflow is None else getattr(overflow, "overflow", jnp.asarray(False))

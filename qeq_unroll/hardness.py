@@ -26,7 +26,7 @@ class Hardness(NamedTuple):
     couplings and ``occupied`` the leading slots that hold every non-zero value (``geometry.Pairs``).
     ``lowrank`` (N, P): adds U Uᵀ (Ewald reciprocal space). ``uniform`` (scalar) with ``real`` (N,) 0/1: adds c u uᵀ (the
     neutralising background, the same for every pair). ``operator``: adds a symmetric matrix-free
-    term with ``matvec(q)`` and ``dense()`` (``pme.MeshOperator``)."""
+    term with ``matvec(q)``, ``quadratic(q)`` and ``dense()`` (``pme.MeshOperator``)."""
 
     matrix: jax.Array | None
     diagonal: jax.Array
@@ -41,6 +41,21 @@ class Hardness(NamedTuple):
 
     def matvec(self, q):
         """H q (eV/e for q in e)."""
+        out = self._local_matvec(q)
+        if self.operator is not None:
+            out = out + self.operator.matvec(q)
+        return out
+
+    def quadratic(self, q):
+        """½ qᵀ H q (eV for q in e); the matrix-free term's own ``quadratic`` keeps its derivative
+        to one product."""
+        out = 0.5 * jnp.vdot(q, self._local_matvec(q))
+        if self.operator is not None:
+            out = out + self.operator.quadratic(q)
+        return out
+
+    def _local_matvec(self, q):
+        """H q without the matrix-free term."""
         if self.matrix is not None:
             out = self.matrix @ q
         else:
@@ -49,8 +64,6 @@ class Hardness(NamedTuple):
             out = out + self.lowrank @ (self.lowrank.T @ q)
         if self.uniform is not None:
             out = out + self.uniform * self.real * jnp.vdot(self.real, q)
-        if self.operator is not None:
-            out = out + self.operator.matvec(q)
         return out
 
     def dense(self):
