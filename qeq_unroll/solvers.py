@@ -250,7 +250,9 @@ class CG(_Iterative):
 
     def init(self, problem, pre):
         q = self.initial(problem)
-        r = tangent(problem.hardness.matvec(q) + problem.chi, problem)
+        # a zero start (the implicit adjoint's, see ``gradients``) needs no product
+        hq = lax.cond(jnp.any(q != 0), problem.hardness.matvec, jnp.zeros_like, q)
+        r = tangent(hq + problem.chi, problem)
         z = self.precondition(pre, r, problem)
         return (q, r, -z, jnp.vdot(r, z)), relative_residual(r, problem)
 
