@@ -66,6 +66,13 @@ COARSE_ORDER = 4
 #: this; on shorter waves the PME term is too weak for the preconditioner to correct anything.
 COARSE_DECAY = 1e-2
 
+#: Spreading and interpolation pass the atoms in chunks of ``CHUNK`` once their blocks of p³ mesh
+#: values would take more than ``CHUNK_BYTES``: a chunk's blocks stay in cache instead of streaming
+#: through memory (NaCl, order 6: a PME call at 110592 atoms 8 % faster; at 4096 atoms chunks
+#: would cost 4 %).
+CHUNK = 2048
+CHUNK_BYTES = 2**25
+
 #: ``MeshPreconditioner`` refines only where the Ewald-smoothed weight density an atom sees, Σρ²/Σρ,
 #: is within this fraction of the cell's mean (rattled NaCl: 3e-4 to 2e-3; a random ion packing:
 #: 4e-2; a slab with as much vacuum as matter: 0.9).
@@ -248,11 +255,32 @@ jax.tree_util.register_dataclass(
 )
 
 
+def _in_chunks(blocks):
+    """(atoms per chunk, chunks) for ``blocks`` (N, p, p, p) (shape and dtype only)."""
+    n = blocks.shape[0]
+    count = 1 if math.prod(blocks.shape) * blocks.dtype.itemsize <= CHUNK_BYTES else -(-n // CHUNK)
+    return -(-n // count), count
+
+
+def _chunked(arrays, chunk, count):
+    """Each (N, ...) array zero-padded to count · chunk rows, as (count, chunk, ...)."""
+    return tuple(
+        jnp.pad(a, [(0, chunk * count - a.shape[0])] + [(0, 0)] * (a.ndim - 1)).reshape((count, chunk) + a.shape[1:])
+        for a in arrays
+    )
+
+
 def _spread(start, weight, q, shape):
     p = weight.shape[2]
-    blocks = q[:, None, None, None] * weight[:, 0, :, None, None] * weight[:, 1, None, :, None] * weight[:, 2, None, None, :]
+
+    def add(padded, piece):
+        s, w, qc = piece
+        blocks = qc[:, None, None, None] * w[:, 0, :, None, None] * w[:, 1, None, :, None] * w[:, 2, None, None, :]
+        return jax.lax.scatter_add(padded, s, blocks, _SCATTER, mode=_IN_BOUNDS), None
+
     padded = jnp.zeros(tuple(k + p - 1 for k in shape), q.dtype)
-    padded = jax.lax.scatter_add(padded, start, blocks, _SCATTER, mode=_IN_BOUNDS)
+    blocks = jax.ShapeDtypeStruct((q.shape[0], p, p, p), q.dtype)
+    padded, _ = jax.lax.scan(add, padded, _chunked((start, weight, q), *_in_chunks(blocks)))
     # fold the padding back onto the periodic mesh: the 8 corners of head and tail planes, one pass
     out = 0
     for tail in itertools.product((False, True), repeat=3):
@@ -261,16 +289,42 @@ def _spread(start, weight, q, shape):
     return out
 
 
-def _blocks(start, p, grid):
-    """Each atom's p × p × p block of ``grid`` (N, p, p, p)."""
+def _over_atoms(fn, start, weight, grid):
+    """``fn(blocks, weight)`` per atom, blocks (n, p, p, p) the atoms' blocks of the periodic
+    ``grid``, applied chunk by chunk."""
+    n, p = weight.shape[0], weight.shape[2]
     padded = jnp.pad(grid, [(0, p - 1)] * 3, mode="wrap")
-    return jax.lax.gather(padded, start, _GATHER, (p, p, p), mode=_IN_BOUNDS)
+    chunk, count = _in_chunks(jax.ShapeDtypeStruct((n, p, p, p), grid.dtype))
+
+    def one(piece):
+        s, w = piece
+        return fn(jax.lax.gather(padded, s, _GATHER, (p, p, p), mode=_IN_BOUNDS), w)
+
+    out = jax.lax.map(one, _chunked((start, weight), chunk, count))
+    return jax.tree_util.tree_map(lambda a: a.reshape((count * chunk,) + a.shape[2:])[:n], out)
+
+
+def _values(blocks, weight):
+    """Σ_abc w_a w_b w_c block_abc per atom, contracted one axis at a time (a third of the work
+    of forming the weight blocks)."""
+    across = jnp.einsum("nabc,nc->nab", blocks, weight[:, 2])
+    return jnp.einsum("na,na->n", jnp.einsum("nab,nb->na", across, weight[:, 1]), weight[:, 0])
+
+
+def _values_and_partials(blocks, weight):
+    """The values and their derivatives in each weight (n, 3, p): the block contracted with the
+    other two weights."""
+    w0, w1, w2 = weight[:, 0], weight[:, 1], weight[:, 2]
+    across = jnp.einsum("nabc,nc->nab", blocks, w2)
+    partial = jnp.stack(
+        [jnp.einsum("nab,nb->na", across, w1), jnp.einsum("nab,na->nb", across, w0), jnp.einsum("nabc,na,nb->nc", blocks, w0, w1)],
+        axis=1,
+    )
+    return jnp.einsum("na,na->n", partial[:, 0], w0), partial
 
 
 def _interpolate(start, weight, grid):
-    blocks = _blocks(start, weight.shape[2], grid)
-    # contracted one axis at a time (a third of the work of forming the weight blocks)
-    return jnp.einsum("na,na->n", jnp.einsum("nab,nb->na", jnp.einsum("nabc,nc->nab", blocks, weight[:, 2]), weight[:, 1]), weight[:, 0])
+    return _over_atoms(_values, start, weight, grid)
 
 
 def _potential(spectrum, influence, shape):
@@ -292,15 +346,7 @@ def _quadratic(shape, start, weight, influence, q):
 
 def _quadratic_fwd(shape, start, weight, influence, q):
     spectrum = jnp.fft.rfftn(_spread(start, weight, q, shape))
-    blocks = _blocks(start, weight.shape[2], _potential(spectrum, influence, shape))
-    w0, w1, w2 = weight[:, 0], weight[:, 1], weight[:, 2]
-    across = jnp.einsum("nabc,nc->nab", blocks, w2)
-    # ∂(W φ)_i / ∂w_i along each cell vector: the block contracted with the other two weights
-    partial = jnp.stack(
-        [jnp.einsum("nab,nb->na", across, w1), jnp.einsum("nab,na->nb", across, w0), jnp.einsum("nabc,na,nb->nc", blocks, w0, w1)],
-        axis=1,
-    )
-    potential = jnp.einsum("na,na->n", partial[:, 0], w0)
+    potential, partial = _over_atoms(_values_and_partials, start, weight, _potential(spectrum, influence, shape))
     return 0.5 * jnp.vdot(q, potential), (q, potential, partial, spectrum)
 
 
