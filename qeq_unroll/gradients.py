@@ -14,13 +14,14 @@ Each mode is a frozen strategy with ``charges(solver, problem) -> (q, Diagnostic
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from .constraints import fragment_means, fragment_sums
 from .errors import QEqInputError
-from .solvers import tangent
+from .solvers import product, tangent
 
 
 def _forward(solver):
@@ -59,7 +60,7 @@ class Implicit:
             per_atom = jnp.where(frags >= 0, lam[jnp.maximum(frags, 0)], 0.0)
             return jnp.concatenate([h.matvec(q) - per_atom, -fragment_sums(q, frags, n_f)])
 
-        def solve(guess):
+        def solve(guess, multiply):
             def run(_, b):
                 # The adjoint right-hand side b_q is ∂E/∂q = χ + Hq, at the solution a multiplier
                 # per fragment plus the small tangent residual. Only its tangent part t moves q; the
@@ -70,7 +71,7 @@ class Implicit:
                 b_q, b_lam = b[:n], b[n:]
                 system = problem._replace(chi=-tangent(b_q, problem), targets=-b_lam, scale=jnp.linalg.norm(b_q), guess=guess)
                 q, diagnostics = _forward(solver)(system)
-                lam = fragment_means(h.matvec(q) - b_q, frags, n_f)
+                lam = fragment_means(multiply(q) - b_q, frags, n_f)
                 return jnp.concatenate([q, lam]), diagnostics
 
             return run
@@ -79,10 +80,16 @@ class Implicit:
         # guess holds charges, not multipliers (an MD warm start would cost it a whole cold solve),
         # and for forces t is the forward residual, mostly long waves, which the diagonal start
         # overshoots by the Coulomb stiffness (rattled NaCl with PME, 32768 atoms: relative
-        # residual 1.5e-7 from the diagonal start, 8e-9 from zero).
+        # residual 1.5e-7 from the diagonal start, 8e-9 from zero). An adjoint that needed no
+        # iteration is zero, and its product is skipped; the charges' is the energy's.
         rhs = jnp.concatenate([-problem.chi, -problem.targets])
         x, diagnostics = jax.lax.custom_linear_solve(
-            kkt, rhs, solve(problem.guess), solve(jnp.zeros_like(problem.chi)), symmetric=True, has_aux=True
+            kkt,
+            rhs,
+            solve(problem.guess, h.matvec),
+            solve(jnp.zeros_like(problem.chi), functools.partial(product, h)),
+            symmetric=True,
+            has_aux=True,
         )
         return x[:n], diagnostics
 

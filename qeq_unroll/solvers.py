@@ -90,6 +90,12 @@ def relative_residual(residual, problem):
     return jnp.linalg.norm(residual) / jnp.where(scale > 0, scale, 1.0)
 
 
+def product(hardness, q):
+    """H q, skipping the product when q is zero (the implicit adjoint's start and, when it needed
+    no iteration, its solution; see ``gradients``)."""
+    return lax.cond(jnp.any(q != 0), hardness.matvec, jnp.zeros_like, q)
+
+
 @dataclasses.dataclass(frozen=True)
 class Jacobi:
     """Preconditioner M = diag(H)⁻¹, applied on the plane: z = M r − M 1_f λ_f (Σ_f z = 0)."""
@@ -250,9 +256,7 @@ class CG(_Iterative):
 
     def init(self, problem, pre):
         q = self.initial(problem)
-        # a zero start (the implicit adjoint's, see ``gradients``) needs no product
-        hq = lax.cond(jnp.any(q != 0), problem.hardness.matvec, jnp.zeros_like, q)
-        r = tangent(hq + problem.chi, problem)
+        r = tangent(product(problem.hardness, q) + problem.chi, problem)
         z = self.precondition(pre, r, problem)
         return (q, r, -z, jnp.vdot(r, z)), relative_residual(r, problem)
 
