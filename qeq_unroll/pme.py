@@ -68,7 +68,7 @@ COARSE_DECAY = 1e-2
 
 #: Spreading and interpolation pass the atoms in chunks of ``CHUNK`` once their blocks of p³ mesh
 #: values would take more than ``CHUNK_BYTES``: a chunk's blocks stay in cache instead of streaming
-#: through memory (NaCl, order 6: a PME call at 110592 atoms 8 % faster; at 4096 atoms chunks
+#: through memory (NaCl, order 6: a PME call at 110592 atoms 6 to 8 % faster; at 4096 atoms chunks
 #: would cost 4 %).
 CHUNK = 2048
 CHUNK_BYTES = 2**25
