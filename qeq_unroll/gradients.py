@@ -69,8 +69,8 @@ class Implicit:
                 # iterations, with a wrong adjoint); the residual stays relative to ‖b_q‖, so the
                 # adjoint is solved to the same absolute accuracy as before in float64.
                 b_q, b_lam = b[:n], b[n:]
-                system = problem._replace(chi=-tangent(b_q, problem), targets=-b_lam, scale=jnp.linalg.norm(b_q), guess=guess)
-                q, diagnostics = _forward(solver)(system)
+                posed = problem._replace(chi=-tangent(b_q, problem), targets=-b_lam, scale=jnp.linalg.norm(b_q), guess=guess)
+                q, diagnostics = _forward(solver)(posed)
                 lam = fragment_means(multiply(q) - b_q, frags, n_f)
                 return jnp.concatenate([q, lam]), diagnostics
 
@@ -81,7 +81,8 @@ class Implicit:
         # and for forces t is the forward residual, mostly long waves, which the diagonal start
         # overshoots by the Coulomb stiffness (rattled NaCl with PME, 32768 atoms: relative
         # residual 1.5e-7 from the diagonal start, 8e-9 from zero). An adjoint that needed no
-        # iteration is zero, and its product is skipped; the charges' is the energy's.
+        # iteration is zero, and its product is skipped; the charges' product is the one the
+        # energy takes anyway (XLA computes it once).
         rhs = jnp.concatenate([-problem.chi, -problem.targets])
         x, diagnostics = jax.lax.custom_linear_solve(
             kkt,

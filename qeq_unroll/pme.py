@@ -233,7 +233,7 @@ class MeshOperator:
 
     def matvec(self, q):
         """Wᵀ C W q (eV/e for q in e)."""
-        return self.interpolate(_potential(jnp.fft.rfftn(self.spread(q)), self.influence, self.shape))
+        return _product(self.shape, self.start, self.weight, self.influence, q)
 
     def quadratic(self, q):
         """½ qᵀ Wᵀ C W q (eV for q in e), with a derivative that reuses the forward pass: in q
@@ -339,9 +339,13 @@ def _half_multiplicity(size):
     return np.where((m == 0) | (2 * m == size), 1.0, 2.0)
 
 
+def _product(shape, start, weight, influence, q):
+    return _interpolate(start, weight, _potential(jnp.fft.rfftn(_spread(start, weight, q, shape)), influence, shape))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _quadratic(shape, start, weight, influence, q):
-    return 0.5 * jnp.vdot(q, _interpolate(start, weight, _potential(jnp.fft.rfftn(_spread(start, weight, q, shape)), influence, shape)))
+    return 0.5 * jnp.vdot(q, _product(shape, start, weight, influence, q))
 
 
 def _quadratic_fwd(shape, start, weight, influence, q):
