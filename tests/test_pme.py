@@ -94,22 +94,30 @@ def test_fd_forces_and_stress_pme(mode, total):
 
 def test_chunked_mesh_passes_equal_one_pass(monkeypatch):
     """Spreading and interpolation chunk by chunk (the last chunk short and zero-padded) give what
-    one pass gives: energy, charges, forces and stress through an unrolled CG solve, whose
-    preconditioner's coarse mesh passes in chunks too."""
-    pos, kinds, cell = rock_salt(2, rattle=0.2, seed=5)
-    system = system_of(pos, kinds, cell, total_charge=1.0)
-    energy = qu.qeq_energy(qu.Gaussian(cutoff=9.0, accuracy=1e-6, reciprocal="pme"), qu.CG(iterations=3), "unrolled")
-    nbrs = energy.neighbors(system, NO_PAIRS, layout="list")
+    one pass gives: the product, the quadratic form and its gradient in positions, cell and
+    charges (the custom derivative's chunked partials)."""
+    pos, kinds, cell = rock_salt(1, rattle=0.2, seed=5)
+    mesh = pme.plan(cell, (True,) * 3, ACCURACY, 5.0)
+    q = jnp.asarray(np.where(kinds == 0, 0.7, -0.6))
+    mask = jnp.ones(len(pos), bool)
 
-    def evaluate():
-        e, f, stress, aux = jax.jit(qu.energy_forces_stress(energy))(NO_PAIRS, system, nbrs)
-        return np.asarray(e), np.asarray(f), np.asarray(stress), np.asarray(aux["charges"])
+    def evaluate():  # traced afresh (a new function each time): the chunk settings are read at trace time
+        def quadratic(positions, cell, q):
+            return pme.operator(positions, cell, mesh, mask, 14.4).quadratic(q)
+
+        def passes(positions, cell, q):
+            op = pme.operator(positions, cell, mesh, mask, 14.4)
+            grads = jax.grad(quadratic, argnums=(0, 1, 2))(positions, cell, q)
+            return (op.matvec(q), op.coarse.matvec(q), quadratic(positions, cell, q)) + grads
+
+        return jax.jit(passes)(jnp.asarray(pos), jnp.asarray(cell), q)
 
     one = evaluate()
     monkeypatch.setattr(pme, "CHUNK_BYTES", 0)
-    monkeypatch.setattr(pme, "CHUNK", 7)  # 64 atoms: 10 chunks, the last with 6 padding rows
+    monkeypatch.setattr(pme, "CHUNK", 3)  # 8 atoms: 3 chunks, the last with 1 padding row
     for a, b in zip(evaluate(), one):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
 
 def test_auto_picks_the_cheaper_reciprocal_sum():
     kernel = qu.Gaussian(cutoff=9.0, accuracy=1e-6)
