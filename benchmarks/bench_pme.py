@@ -166,7 +166,7 @@ def main(argv=None):
     if len(rows) >= 2:
         lines.append(
             f"- CG iterations vs N exponent on PME (N = {rows[0]['n']}..{rows[-1]['n']}): "
-            f"{exponent([r['n'] for r in rows], [r['it_pme'] for r in rows]):.2f} with the mesh preconditioner, "
+            f"{round(exponent([r['n'] for r in rows], [r['it_pme'] for r in rows]), 2) + 0.0:.2f} with the mesh preconditioner, "  # no "-0.00"
             f"{exponent([r['n'] for r in rows], its):.2f} with Jacobi."
         )
     ns, ts, per = data["pme"]
