@@ -4,6 +4,7 @@ Rattled rock-salt NaCl as in ``bench_periodic.py`` (reaxff kernel, r_c = 10 Å, 
 neighbour list (``qeq_unroll.neighbors``: skin 1 Å, capacity factor 1.1). Per N and precision: the list allocation
 (s, host call), ms per energy + forces + charges with CG to tol 1e-6 (float64) / 1e-5 (float32)
 and implicit forces (median of repeats after warm-up), its CG iterations and whether it converged,
+the sum of its charges (the cell is neutral: 0 up to rounding),
 ms per energy + forces with CG K = 4 unrolled (the MD setting), memory of the evaluation (XLA:
 arguments + outputs + scratch) and of the list, per atom; a size whose list or evaluation does
 not fit in GPU memory is reported as such. MD steps/s (``qeq_unroll.md.run``, NVE, CG K = 4
@@ -96,7 +97,8 @@ def measure(n_target, dtype, repeats):
     call, memory = evaluation(system, nbrs, at_tol)
     out = call()
     row.update(ms=1e3 * median_time(call, repeats), iterations=int(out[2]["iterations"]),
-               converged=bool(out[2]["converged"]), bytes=memory / len(pos))
+               converged=bool(out[2]["converged"]), bytes=memory / len(pos),
+               charge_sum=float(np.sum(np.asarray(out[2]["charges"], np.float64))))
     k4 = qu.qeq_energy(qu.ReaxFF(cutoff=CUTOFF), qu.CG(iterations=4), "unrolled", KE)
     call, _ = evaluation(system, nbrs, k4)
     call()
@@ -217,19 +219,19 @@ def report(rows, device, n_drift, ps, drift):
         "stored list, per atom. MD: NVE, 2 fs, CG K = 4 unrolled with XL charges, list updated every step. LAMMPS: "
         "fix qeq/reaxff per solve on one CPU thread of the CPU machine, same structures (`--lammps`).",
         "",
-        "| N | precision | list build (s) | ms at tol | CG iterations | ms K = 4 | memory (kB/atom) | list (kB/atom) "
-        "| MD steps/s | LAMMPS 1 thread / ours at tol |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| N | precision | list build (s) | ms at tol | CG iterations | Σq at tol (e) | ms K = 4 | memory (kB/atom) "
+        "| list (kB/atom) | MD steps/s | LAMMPS 1 thread / ours at tol |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("failed"):
-            lines.append(f"| {r['n']} | {r['dtype']} | {r['failed']} | | | | | | | |")
+            lines.append(f"| {r['n']} | {r['dtype']} | {r['failed']} | | | | | | | | |")
             continue
         its = f"{r['iterations']}" + ("" if r["converged"] else " (not converged)")
         md_rate = f"{r['steps_per_s']:.0f}" if "steps_per_s" in r else "—"
         ratio = f"{r['lammps_ms'] / r['ms']:.0f}×" if r["lammps_ms"] else "not measured"
         over = " (overflow)" if r["overflow"] else ""
-        lines.append(f"| {r['n']} | {r['dtype']} | {r['list_s']:.1f}{over} | {r['ms']:.2f} | {its} | {r['ms_k4']:.2f} | "
+        lines.append(f"| {r['n']} | {r['dtype']} | {r['list_s']:.1f}{over} | {r['ms']:.2f} | {its} | {r['charge_sum']:.1e} | {r['ms_k4']:.2f} | "
                      f"{r['bytes'] / 1e3:.1f} | {r['list_bytes'] / 1e3:.1f} | {md_rate} | {ratio} |")
     if drift is not None:
         lines += ["", f"NVE drift ({n_drift} atoms, {ps:g} ps at 2 fs, CG K = 4 unrolled): float32 "

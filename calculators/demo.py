@@ -70,7 +70,7 @@ def run_demo(fmax: float = 0.01, steps: int = 1000, settings: dict | None = None
     settings = {**DEMO_SETTINGS, **(settings or {})}
     calc = QEqCalculator(**settings)
     solver = settings["solver"] + (f", K = {settings['iterations']}" if settings.get("iterations") else
-                                   f" to tol {calc.parameters.tol:g}")
+                                   f" to tol {calc.solver.tol:g}")
     echo(f"qeq-unroll demo: params {settings['params']}, kernel {settings['kernel']}, solver {solver}, "
          f"gradient {settings['gradient']}; BFGS to fmax {fmax:g} eV/A")
     structures = [("NaCl cluster", nacl_cluster(32)), ("water hexamer", water_cluster(6))]

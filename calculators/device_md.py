@@ -82,7 +82,7 @@ def run_md(atoms, calc, settings, out=None, report=None, progress=True):
         os.remove(out)
     records, info = [], dict(
         settings={k: getattr(settings, k) for k in settings.__dataclass_fields__},
-        model={k: calc.parameters[k] for k in ("kernel", "cutoff", "solver", "iterations", "tol", "gradient")},
+        model={k: calc.parameters[k] for k in ("kernel", "cutoff", "solver", "iterations", "gradient")} | dict(tol=calc.solver.tol),
         device=str(jax.devices()[0]),
         dtype=calc.parameters["dtype"],
     )
@@ -139,7 +139,7 @@ def add_md(subparsers) -> None:
     p.add_argument("--solver", default="cg", help="charge solver: exact, cg, gd, nag, learned (default cg)")
     p.add_argument("--solver-params", default=None, help="solver file of --solver learned")
     p.add_argument("--iterations", "-K", type=int, default=None, help="fixed solver iterations K (default: to --tol)")
-    p.add_argument("--tol", type=float, default=1e-10, help="solver tolerance (default 1e-10)")
+    p.add_argument("--tol", type=float, default=None, help="solver tolerance (default 1e-10 in float64, 1e-5 in float32)")
     p.add_argument("--gradient", default="unrolled", help="force mode: unrolled, implicit, envelope (default unrolled)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="precision (default float64)")
     p.add_argument("--report-every", type=int, default=10, help="steps between recorded frames (default 10)")

@@ -33,6 +33,8 @@ from qeq_unroll.learned import check_compatible
 #: Two atoms closer than this (Å) are "on top of each other".
 MIN_DISTANCE = 1e-6
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
+#: the solver tolerance (relative residual) when ``tol`` is None
+DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-5}
 
 
 class QEqCalculator(Calculator):
@@ -42,7 +44,8 @@ class QEqCalculator(Calculator):
     "point". cutoff: Å (None: the kernel's default). solver: "exact" | "cg" | "gd" | "nag" |
     "learned" or a solver object; solver_params: the solver file (or
     ``qeq_unroll.learned.LearnedSolverParams``) of ``solver="learned"``. iterations: fixed K, or
-    None to iterate to ``tol`` (at most ``max_iterations``).
+    None to iterate to ``tol`` (at most ``max_iterations``). tol: relative residual (None: 1e-10
+    in float64, 1e-5 in float32; at least ``qeq_unroll.solvers.min_tol`` of the dtype).
     gradient: "unrolled" | "implicit" | "envelope". total_charge: e (None: sum of the initial
     charges). coulomb_constant: eV·Å. dtype: "float64" (needs JAX x64 enabled) | "float32".
     reciprocal: the gaussian kernel's reciprocal-space method in periodic cells, "auto" | "ewald"
@@ -62,7 +65,7 @@ class QEqCalculator(Calculator):
         solver="cg",
         solver_params=None,
         iterations=None,
-        tol=1e-10,
+        tol=None,
         max_iterations=1000,
         gradient="unrolled",
         total_charge=None,
@@ -88,13 +91,20 @@ class QEqCalculator(Calculator):
                 "JAX_ENABLE_X64=1), or pass dtype='float32' for the faster, less precise mode"
             )
         self._dtype = DTYPES[p.dtype]
+        tol = DEFAULT_TOL[p.dtype] if p.tol is None else p.tol
+        if p.iterations is None and tol < qeq_unroll.solvers.min_tol(self._dtype):
+            raise QEqInputError(
+                f"tol {tol:g} cannot be reached in {p.dtype}: the solver resolves relative residuals down to "
+                f"{qeq_unroll.solvers.min_tol(self._dtype):.2g}; use a larger tol (None picks {DEFAULT_TOL[p.dtype]:g}) "
+                "or dtype='float64'"
+            )
         params = qeq_unroll.load_params(p.params)
         self.kernel = qeq_unroll.get_kernel(p.kernel, p.cutoff)
         if p.reciprocal is not None:
             if not getattr(self.kernel, "ewald", False):
                 raise QEqInputError(f"reciprocal='{p.reciprocal}' is an option of the gaussian kernel, not '{self.kernel.name}'")
             self.kernel = dataclasses.replace(self.kernel, reciprocal=p.reciprocal)
-        self.solver = qeq_unroll.get_solver(p.solver, p.iterations, p.tol, p.max_iterations, p.solver_params)
+        self.solver = qeq_unroll.get_solver(p.solver, p.iterations, tol, p.max_iterations, p.solver_params)
         if p.solver == "learned":
             lp = self.solver.start.params
             check_compatible(lp, self.kernel.name, params.elements, source=f"solver file {p.solver_params}")

@@ -9,12 +9,28 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def fragment_sums(v, fragments, n_fragments):
-    """Σ_{i ∈ f} v_i for each fragment f; padding (label -1) is left out."""
+    """Σ_{i ∈ f} v_i for each fragment f; padding (label -1) is left out.
+
+    Accurate to a few roundings of each sum, however many atoms a fragment has. A scatter-add
+    accumulates in order, and a running sum of many same-sign terms loses about ε per term
+    (float32: 5·10⁻⁴ of Σ_i χ_i/J_ii over 64000 atoms), which the projections hand on to the
+    charges as a total-charge error of ~N ε |q| and a residual floor that CG cannot get below.
+    So each v_i is split into a multiple of a power of two u, whose sums are exact (integers of
+    at most the mantissa's bits while Σ|v|/u ≤ 2^(m−1), N ≤ 2^m: 1.7·10⁷ atoms in float32), and a
+    rest of at most u/2, whose sum is small. The split is a constant under differentiation: the
+    derivative is the plain sum."""
     ids = jnp.where(fragments >= 0, fragments, n_fragments)
-    return jax.ops.segment_sum(v, ids, num_segments=n_fragments + 1)[:n_fragments]
+    mantissa = jnp.finfo(v.dtype).nmant + 1
+    _, exponent = jnp.frexp(lax.stop_gradient(jnp.sum(jnp.where(fragments >= 0, jnp.abs(v), 0.0))))
+    u = jnp.ldexp(jnp.ones((), v.dtype), exponent - (mantissa - 1))
+    coarse = lax.stop_gradient(jnp.round(v / u) * u)
+    parts = jnp.stack([coarse, v - coarse], axis=-1)
+    sums = jax.ops.segment_sum(parts, ids, num_segments=n_fragments + 1)[:n_fragments]
+    return sums[:, 0] + sums[:, 1]
 
 
 def _per_atom(values, fragments):

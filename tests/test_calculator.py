@@ -200,3 +200,20 @@ def test_float64_needs_x64_and_says_how():
             assert np.isfinite(atoms.get_potential_energy())
     finally:
         jax.config.update("jax_enable_x64", True)
+
+
+def test_float32_defaults_to_a_tolerance_it_can_reach():
+    """dtype='float32' alone iterates to its own default tol (1e-5), converges without a warning
+    and agrees with float64; a tol below float32's resolution is refused up front."""
+    atoms = nacl_block(3, 3, 2)
+    atoms.positions += np.random.default_rng(3).normal(0, 0.1, atoms.positions.shape)
+    energies = {}
+    for dtype in ("float32", "float64"):
+        atoms.calc = QEqCalculator(params="demo-nacl-water", dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", qu.QEqConvergenceWarning)
+            energies[dtype] = atoms.get_potential_energy()
+    assert abs(energies["float32"] - energies["float64"]) < 1e-5 * abs(energies["float64"])
+    with pytest.raises(QEqInputError, match="tol 1e-10 cannot be reached in float32"):
+        QEqCalculator(dtype="float32", tol=1e-10)
+    QEqCalculator(dtype="float32", tol=1e-10, iterations=3)  # a fixed K: tol only stops it early

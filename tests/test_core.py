@@ -192,6 +192,51 @@ def test_fragment_charges_hold():
         np.testing.assert_allclose(sums, [0.0, 1.0, -1.0], atol=1e-12)
 
 
+def crystal_like_float32(n=50000):
+    """Two alternating values per array (every atom of a species alike, as in a crystal), in
+    float32, with fragments of 40000 and 9000 atoms and 1000 padding rows."""
+    kinds = np.arange(n) % 2
+    frags = np.concatenate([np.zeros(40000, int), np.ones(9000, int), -np.ones(n - 49000, int)])
+    return kinds, frags
+
+
+def test_fragment_sums_stay_accurate_over_many_alike_terms():
+    """A running float32 sum of 40000 equal terms drifts by ~10³ ε (each addition rounds the same
+    way); the fragment sums stay within a few roundings of the exact sum, padding left out."""
+    kinds, frags = crystal_like_float32()
+    v = np.where(kinds == 0, 2.84 / 9.0, 8.56 / 12.0).astype(np.float32)
+    v[frags < 0] = 1e6
+    sums = np.asarray(jax.jit(lambda a, b: qu.constraints.fragment_sums(a, b, 2))(v, frags), np.float64)
+    exact = np.array([np.sum(v[frags == f].astype(np.float64)) for f in (0, 1)])
+    assert np.all(np.abs(sums - exact) <= 4 * np.finfo(np.float32).eps * exact)
+
+
+def test_float32_start_holds_the_fragment_charges():
+    """The diagonal-model start in float32 on 49000 atoms: each fragment's charge holds to a few ε
+    of Σ|q| (a plain scatter-add sum puts it off by ~10³ ε: 2.8 e on the 40000-atom fragment)."""
+    kinds, frags = crystal_like_float32()
+    chi = np.where(kinds == 0, 2.84, 8.56).astype(np.float32)
+    diag = np.where(kinds == 0, 9.0, 12.0).astype(np.float32)
+    targets = np.array([1.0, -1.0], np.float32)
+    q = np.asarray(jax.jit(qu.constraints.diagonal_start)(chi, diag, frags, targets), np.float64)
+    assert np.all(q[frags < 0] == 0.0)
+    for f in (0, 1):
+        assert abs(q[frags == f].sum() - targets[f]) <= 16 * np.finfo(np.float32).eps * np.abs(q[frags == f]).sum()
+
+
+def test_float32_cg_reaches_a_tolerance_near_its_resolution():
+    """float32 CG iterates to relative residuals of 10 ε: tol 3e-6 is reached, and the charges
+    equal the float64 solution to float32 accuracy."""
+    pos, species = grid_cluster(40, seed=12)
+    energy = qu.qeq_energy("gaussian", qu.CG(tol=3e-6), "unrolled")
+    params32 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), PARAMS)
+    _, aux = energy(params32, qu.make_system(pos, species, dtype=np.float32))
+    _, exact = qu.qeq_energy("gaussian", qu.Exact(), "unrolled")(PARAMS, qu.make_system(pos, species))
+    assert aux["charges"].dtype == jnp.float32
+    assert bool(aux["converged"]) and float(aux["residual"]) <= 3e-6
+    np.testing.assert_allclose(aux["charges"], exact["charges"], atol=2e-6)
+
+
 @pytest.mark.parametrize("solver", [qu.CG(iterations=3), qu.CG(), qu.Exact()])
 def test_padded_equals_unpadded(solver):
     pos, species = grid_cluster(13, seed=9)
