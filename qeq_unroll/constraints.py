@@ -12,16 +12,19 @@ import jax.numpy as jnp
 from jax import lax
 
 
-#: integer levels of ``fragment_sums``, each taking the next 30 bits of every term exactly (two
-#: keep a sum of 4·10⁶ alike float32 terms within one rounding; one level drifts by 35-190 ε there)
+#: integer levels of ``fragment_sums`` below float64, each taking the next 30 bits of every term
+#: exactly (two keep a sum of 4·10⁶ alike float32 terms within one rounding; one level drifts by
+#: 35-190 ε there). float64 adds plainly: its drift, N ε₆₄ of the sum (5·10⁻¹¹ e per atom at 10⁶
+#: atoms), is below anything observable, and the levels cost compile time (+30-65 % for a small
+#: system's energy and forces).
 SUM_LEVELS = 2
 
 
 def fragment_sums(v, fragments, n_fragments):
     """Σ_{i ∈ f} v_i for each fragment f; padding (label -1) is left out.
 
-    Accurate to a few roundings of each sum, however many atoms a fragment has and in whatever
-    order a device adds them. A floating-point scatter-add accumulates term by term, and a running
+    Below float64, accurate to a few roundings of each sum, however many atoms a fragment has and
+    in whatever order a device adds them. A floating-point scatter-add accumulates term by term, and a running
     sum of many alike terms (every Na of a crystal alike) drifts by about ε per term: in float32,
     10⁻³ of Σ_i χ_i/J_ii over 64000 atoms, which the projections hand on to the charges as a
     total-charge error (9 e there) and a residual floor. So each term is split, ``SUM_LEVELS``
@@ -36,7 +39,7 @@ def fragment_sums(v, fragments, n_fragments):
         return jax.ops.segment_sum(x, ids, num_segments=n_fragments + 1)[:n_fragments]
 
     exact = jnp.zeros((n_fragments,), v.dtype)
-    for _ in range(SUM_LEVELS):
+    for _ in range(SUM_LEVELS if jnp.finfo(v.dtype).bits < 64 else 0):
         _, exponent = jnp.frexp(lax.stop_gradient(jnp.sum(jnp.abs(rest))))
         u = jnp.ldexp(jnp.ones((), v.dtype), exponent - 30)
         k = lax.stop_gradient(jnp.round(rest / u)).astype(jnp.int32)
