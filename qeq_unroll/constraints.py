@@ -23,15 +23,15 @@ SUM_LEVELS = 2
 def fragment_sums(v, fragments, n_fragments):
     """Σ_{i ∈ f} v_i for each fragment f; padding (label -1) is left out.
 
-    Below float64, accurate to a few roundings of each sum, however many atoms a fragment has and
-    in whatever order a device adds them. A floating-point scatter-add accumulates term by term, and a running
-    sum of many alike terms (every Na of a crystal alike) drifts by about ε per term: in float32,
-    10⁻³ of Σ_i χ_i/J_ii over 64000 atoms, which the projections hand on to the charges as a
-    total-charge error (9 e there) and a residual floor. So each term is split, ``SUM_LEVELS``
-    times, into an integer multiple k·u of a power of two u, with Σ|v|/u = 2³⁰, and the rest. The
-    k add up exactly in int32 (wrapping in between is harmless while |Σk| < 2³¹), and each level's
-    rest is 2⁻³⁰·N of the last, so the last rest's float sum is tiny. The splits are constants under
-    differentiation: the derivative is the plain sum."""
+    Below float64, accurate to a few roundings of each sum, however many atoms a fragment has
+    and in whatever order a device adds them. A floating-point scatter-add accumulates term by
+    term, and a running sum of many alike terms (every Na of a crystal alike) drifts by about ε
+    per term: in float32, 10⁻³ of Σ_i χ_i/J_ii over 64000 atoms, which the projections hand on
+    to the charges as a total-charge error (9 e there). So each term is split, ``SUM_LEVELS``
+    times, into an integer multiple k·u of a power of two u, with Σ|v|/u = 2³⁰, and the rest.
+    The k add up exactly in int32 (wrapping in between is harmless while |Σk| < 2³¹), and each
+    level's rest is 2⁻³⁰·N of the last, so the last rest's float sum is tiny. The splits are
+    constants under differentiation: the derivative is the plain sum."""
     ids = jnp.where(fragments >= 0, fragments, n_fragments)
     rest = jnp.where(fragments >= 0, v, 0.0)
 
