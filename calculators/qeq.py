@@ -27,11 +27,11 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
 import qeq_unroll
+from qeq_unroll import checks
 from qeq_unroll.errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError
 from qeq_unroll.learned import check_compatible
+from qeq_unroll.periodic import wrap
 
-#: Two atoms closer than this (Å) are "on top of each other".
-MIN_DISTANCE = 1e-6
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 #: the solver tolerance (relative residual) when ``tol`` is None
 DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-5}
@@ -55,6 +55,10 @@ class QEqCalculator(Calculator):
     ``atoms.arrays["fragments"]``): each fragment's charge is fixed, fragment_charges (F,) e (None:
     the initial charges summed per fragment). field: uniform electric field (3,) in V/Å, along
     non-periodic directions only (energy −Σ q_i E·r_i).
+    min_distance: Å, atoms (or an atom and its periodic image) closer than this are an error;
+    charge_margin: e, a charge beyond the largest |fragment charge| plus this is an error;
+    max_memory: bytes a structure may take (None: the device's memory), checked before anything
+    is built (``qeq_unroll.checks.Limits``).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "charges", "dipole", "stress"]
@@ -77,6 +81,9 @@ class QEqCalculator(Calculator):
         fragments=None,
         fragment_charges=None,
         field=None,
+        min_distance=checks.Limits.min_distance,
+        charge_margin=checks.Limits.charge_margin,
+        max_memory=None,
     )
 
     def __init__(self, **kwargs):
@@ -98,6 +105,7 @@ class QEqCalculator(Calculator):
                 f"{qeq_unroll.solvers.min_tol(self._dtype):.2g}; use a larger tol (None picks {DEFAULT_TOL[p.dtype]:g}) "
                 "or dtype='float64'"
             )
+        self.limits = checks.Limits(p.min_distance, p.charge_margin, p.max_memory)
         params = qeq_unroll.load_params(p.params)
         self.kernel = qeq_unroll.get_kernel(p.kernel, p.cutoff)
         if p.reciprocal is not None:
@@ -123,6 +131,7 @@ class QEqCalculator(Calculator):
         self._evaluate_periodic = jax.jit(periodic_step)
         self._neighbors = None
         self._neighbors_key = None
+        self._checked_size = None
 
     @property
     def energy_function(self):
@@ -149,8 +158,12 @@ class QEqCalculator(Calculator):
         if atoms.pbc.any():
             self._calculate_periodic(atoms, properties)
             return
-        energy, forces, aux = self._evaluate(self.qeq_params, self.system(atoms))
-        self._check(aux)
+        system = self.system(atoms)
+        if self._checked_size != len(system.positions):  # memory of all pairs: once per padded size
+            self._energy.neighbors(system, self.qeq_params, limits=self.limits)
+            self._checked_size = len(system.positions)
+        energy, forces, aux = self._evaluate(self.qeq_params, system)
+        self._check(atoms, system, aux)
         self._store(atoms, energy, forces, aux)
 
     def _store(self, atoms, energy, forces, aux):
@@ -185,7 +198,8 @@ class QEqCalculator(Calculator):
         for attempt in range(3):
             if self._neighbors is None or self._neighbors_key != key or self._cell_changed(cell):
                 self._neighbors = self._energy.neighbors(
-                    system, self.qeq_params, skin=self.parameters.skin, layout=self.parameters.neighbor_layout
+                    system, self.qeq_params, skin=self.parameters.skin, layout=self.parameters.neighbor_layout,
+                    limits=self.limits,
                 )
                 self._neighbors_key = key
                 self._neighbors_cell = cell.copy()
@@ -196,7 +210,7 @@ class QEqCalculator(Calculator):
         else:
             raise QEqInputError("the neighbour list kept overflowing after reallocation")
         self._neighbors = neighbors
-        self._check(aux)
+        self._check(atoms, system, aux, neighbors)
         self._store(atoms, energy, forces, aux)
         if not singular:
             s = np.asarray(stress, dtype=float)
@@ -236,20 +250,21 @@ class QEqCalculator(Calculator):
         flag it themselves, but a rebuild costs little next to a cell change)."""
         return not np.array_equal(cell, getattr(self, "_neighbors_cell", None))
 
-    def _check(self, aux):
-        """Turn the evaluation's diagnostics into clear errors and warnings."""
-        if float(aux["min_distance"]) < MIN_DISTANCE:
-            raise QEqInputError(
-                f"atoms on top of each other: two atoms are {float(aux['min_distance']):.3g} Å apart "
-                f"(minimum {MIN_DISTANCE} Å)"
-            )
-        if not bool(aux["positive_definite"]) or not np.all(np.isfinite(np.asarray(aux["charges"]))):
+    def _check(self, atoms, system, aux, neighbors=None):
+        """Turn the evaluation's diagnostics into clear errors and warnings: atoms too close,
+        a hardness matrix that is not positive definite, charges out of range, no convergence."""
+        symbols = atoms.get_chemical_symbols()
+        closest = lambda: self._closest_pairs(system, neighbors)  # noqa: E731
+        checks.check_distances(float(aux["min_distance"]), closest, symbols, self.limits)
+        charges = np.asarray(aux["charges"][: len(atoms)], dtype=float)
+        advice = self._advice(system)
+        if not bool(aux["positive_definite"]) or not np.all(np.isfinite(charges)):
             raise QEqConvergenceError(
-                f"the hardness matrix of kernel '{self.kernel.name}' is not positive definite at this "
-                "geometry (the charges would run away): atoms too close for the kernel's shielding, or "
-                "hardness too small; use more shielding (the 'gaussian' kernel, larger reaxff gamma) or "
-                "larger hardness"
+                f"the hardness matrix of kernel '{self.kernel.name}' is not positive definite at this geometry "
+                f"(the charges would run away): the Coulomb coupling of close atoms outweighs their hardness "
+                f"(closest: {checks.describe_pairs(closest(), symbols)}){advice}"
             )
+        checks.check_charges(charges, system.fragment_charges, symbols, self.limits, advice)
         if not bool(aux["converged"]):
             solver = self.solver
             detail = (
@@ -264,3 +279,33 @@ class QEqCalculator(Calculator):
                 )
             if getattr(solver, "iterations", None) is None:
                 warnings.warn(f"charge solve did not converge: {detail}", QEqConvergenceWarning, stacklevel=3)
+
+    def _closest_pairs(self, system, neighbors):
+        """The closest pairs of ``system`` over the pairs the energy saw (host)."""
+        pairs = None if neighbors is None else neighbors.pairs
+        if isinstance(pairs, qeq_unroll.NeighborList):
+            return checks.closest_pairs(system.positions, system.cell, system.pbc, pairs.shifts, pairs.partner)
+        if isinstance(pairs, qeq_unroll.ImageList):
+            x = wrap(system.positions, system.cell, system.pbc)
+            return checks.closest_pairs(x, system.cell, system.pbc, pairs.shifts)
+        return checks.closest_pairs(system.positions, mask=system.mask)
+
+    def _advice(self, system):
+        """What to change when the model breaks down, for this kernel and the elements present."""
+        species = sorted(set(np.asarray(system.species)[np.asarray(system.mask)].tolist()))
+        params = self.qeq_params
+
+        def values(key):
+            return ", ".join(f"{params.elements[s]} {float(getattr(params, key)[s]):.4g}" for s in species)
+
+        hardness = f"larger hardness J (now {values('hardness')} eV)"
+        if self.kernel.name == "reaxff":
+            return (
+                f". Use a smaller reaxff gamma (now {values('gamma')} /Å; the coupling of two atoms at contact is "
+                f"k_e √(γ_i γ_j), so a smaller γ shields more), {hardness}, or the gaussian kernel"
+            )
+        if self.kernel.name == "point":
+            return f". Bare 1/r has no shielding: use a shielded kernel (gaussian, reaxff, slater) or {hardness}"
+        if self.kernel.name == "slater":
+            return f". Use a larger Slater radius (now {values('radius')} Å; a more diffuse density shields more) or {hardness}"
+        return f". Use {hardness}"

@@ -1,16 +1,32 @@
 """Exceptions and warnings raised by qeq-unroll.
 
-Every error names the offending input: the element, the parameter, the set, the option.
+Every error names the offending input: the element, the parameter, the set, the option, the atoms.
+All errors derive from :class:`QEqError`, so ``except QEqError`` catches every refusal of the
+library and nothing else.
 """
 
 
-class QEqInputError(ValueError):
+class QEqError(Exception):
+    """Base of every error qeq-unroll raises on purpose."""
+
+
+class QEqInputError(QEqError, ValueError):
     """Bad user input: unknown element, missing or non-physical parameter, bad geometry, bad option."""
 
 
-class QEqConvergenceError(RuntimeError):
+class QEqResourceError(QEqInputError):
+    """A structure whose periodic images, neighbour slots, reciprocal vectors or mesh points would
+    need more memory than allowed (``checks.Limits.max_memory``); found before anything is built."""
+
+
+class QEqConvergenceError(QEqError, RuntimeError):
     """A charge solve whose result cannot be trusted (not converged where convergence is required,
     or a hardness matrix that is not positive definite)."""
+
+
+class QEqRangeError(QEqConvergenceError):
+    """A solve that returned charges beyond the physical bound (``checks.Limits``): the model has
+    broken down at this geometry."""
 
 
 class QEqConvergenceWarning(RuntimeWarning):

@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import checks
 from .errors import QEqInputError
-from .periodic import frame, heights, image_shifts
+from .periodic import frame, heights, image_range, image_shifts
 
 #: Default skin (Å) of neighbour lists.
 DEFAULT_SKIN = 1.0
@@ -140,12 +141,10 @@ def _search_frame(system, reach):
     if system.periodic:
         cell = np.asarray(system.cell, dtype=np.float64)
         base = np.asarray(frame(cell, pbc, xp=np), dtype=np.float64)
-        h = heights(cell, pbc)
     else:
         cell = np.eye(3)
         base = np.eye(3)
-        h = np.ones(3)
-    replicate = tuple(max(1, int(math.ceil(2.0 * reach / h[k]))) if pbc[k] else 1 for k in range(3))
+    replicate = checks.replication(cell, pbc, reach)
     grid = np.stack(np.meshgrid(*[np.arange(r) for r in replicate], indexing="ij"), -1).reshape(-1, 3)
     rows, origin = [], np.zeros(3)
     for k in range(3):
@@ -356,58 +355,77 @@ jax.tree_util.register_dataclass(Neighbors, data_fields=["pairs", "reciprocal"],
 DENSE_IMAGES_BUDGET = 2_000_000
 
 
-def build(kernel, system, params=None, layout="auto", skin=DEFAULT_SKIN, capacity_multiplier=1.25, max_kvectors=None):
+def build(kernel, system, params=None, layout="auto", skin=DEFAULT_SKIN, capacity_multiplier=1.25, max_kvectors=None,
+          limits=None):  # fmt: skip
     """The :class:`Neighbors` of ``system`` for ``kernel`` (host).
 
     layout: "auto" (free space: all pairs; periodic: dense all-images for small S N², else a
     neighbour list), "images", "list" (also for free space with a cutoff kernel), or "dense"
     (free space only). ``params`` (optional) lets Ewald kernels pick and check their real-space
-    cutoff from the Gaussian widths of the elements present. Errors name the problem: a periodic
-    cell with a kernel that has no cutoff and no Ewald sum, a charged periodic cell with a kernel
-    that has no background term, an unreachable Ewald accuracy."""
+    cutoff from the Gaussian widths of the elements present. ``limits`` (``checks.Limits``, None:
+    the defaults): before anything is built, a cell that puts atoms closer than
+    ``limits.min_distance`` or would take more than ``limits.max_memory`` is refused
+    (``checks``). Errors name the problem: a periodic cell with a kernel that has no cutoff and
+    no Ewald sum, a charged periodic cell with a kernel that has no background term, an
+    unreachable Ewald accuracy."""
     from . import pme  # noqa: PLC0415
 
+    limits = checks.Limits() if limits is None else limits
     if layout not in ("auto", "images", "list", "dense"):
         raise QEqInputError(f"unknown neighbour layout '{layout}' (valid: auto, images, list, dense)")
+    n = int(np.sum(np.asarray(system.mask)))
     if not system.periodic:
-        if layout in ("auto", "dense") or kernel.cutoff is None:
-            if layout == "list":
-                raise QEqInputError(f"kernel '{kernel.name}' has no cutoff: free space takes all pairs")
-            if layout == "images":
-                raise QEqInputError("image lists are for periodic systems; free space uses all pairs")
-            return Neighbors()
-        return Neighbors(pairs=neighbor_list(system, kernel.cutoff, skin, capacity_multiplier))
+        return _build_free(kernel, system, layout, skin, capacity_multiplier, limits, n)
     if layout == "dense":
         raise QEqInputError("layout 'dense' is for free space; periodic cells use 'images' or 'list'")
+    cell = np.asarray(system.cell, dtype=np.float64)
+    checks.check_cell(cell, system.pbc, n, limits)
     reciprocal = None
     if getattr(kernel, "ewald", False):
         sigma_max = None
         if params is not None:
             species = np.unique(np.asarray(system.species)[np.asarray(system.mask)])
             sigma_max = float(np.max(np.asarray(params.sigma)[species]))
-        n = int(np.sum(np.asarray(system.mask)))
-        reciprocal = pme.plan_for(kernel, np.asarray(system.cell), system.pbc, sigma_max, n, max_kvectors)
+        reciprocal = pme.plan_for(kernel, cell, system.pbc, sigma_max, n, max_kvectors)
         reach = reciprocal.real_cutoff
     else:
-        if kernel.cutoff is None:
-            raise QEqInputError(
-                f"kernel '{kernel.name}' in a periodic cell needs a cutoff (Å): its lattice sum does not "
-                "converge otherwise; give one, or use the gaussian kernel (Ewald summation)"
-            )
-        total = float(np.sum(np.asarray(system.fragment_charges)))
-        if abs(total) > 1e-10:
-            raise QEqInputError(
-                f"charged periodic cell (total charge {total:g} e) with kernel '{kernel.name}', which has no "
-                "neutralising background term: its energy would depend on the cutoff. Use a neutral cell "
-                "or the gaussian kernel (Ewald summation with a uniform background)"
-            )
+        _check_periodic_cutoff_kernel(kernel, system)
         reach = kernel.cutoff
     if layout == "auto":
-        n = int(np.sum(np.asarray(system.mask)))
-        s = len(image_shifts(np.asarray(system.cell), system.pbc, reach))
+        s = math.prod(2 * m + 1 for m in image_range(cell, system.pbc, reach))
         layout = "images" if s * n * n <= DENSE_IMAGES_BUDGET else "list"
+    parts = checks.estimate_memory(n, cell, system.pbc, reach + (skin if layout == "list" else 0.0), layout, reciprocal)
+    checks.check_memory(parts, limits, cell, system.pbc, reach, n)
     if layout == "images":
         pairs = image_list(system, reach)
     else:
         pairs = neighbor_list(system, reach, skin, capacity_multiplier)
     return Neighbors(pairs=pairs, reciprocal=reciprocal)
+
+
+def _build_free(kernel, system, layout, skin, capacity_multiplier, limits, n):
+    """``build`` for free space: all pairs (checked against the memory limit) or, for a cutoff
+    kernel asked for ``layout="list"``, a neighbour list."""
+    if layout in ("auto", "dense") or kernel.cutoff is None:
+        if layout == "list":
+            raise QEqInputError(f"kernel '{kernel.name}' has no cutoff: free space takes all pairs")
+        if layout == "images":
+            raise QEqInputError("image lists are for periodic systems; free space uses all pairs")
+        checks.check_memory(checks.estimate_memory(system.positions.shape[0], None, system.pbc, 0.0, "dense"), limits, n_atoms=n)
+        return Neighbors()
+    return Neighbors(pairs=neighbor_list(system, kernel.cutoff, skin, capacity_multiplier))
+
+
+def _check_periodic_cutoff_kernel(kernel, system):
+    if kernel.cutoff is None:
+        raise QEqInputError(
+            f"kernel '{kernel.name}' in a periodic cell needs a cutoff (Å): its lattice sum does not "
+            "converge otherwise; give one, or use the gaussian kernel (Ewald summation)"
+        )
+    total = float(np.sum(np.asarray(system.fragment_charges)))
+    if abs(total) > 1e-10:
+        raise QEqInputError(
+            f"charged periodic cell (total charge {total:g} e) with kernel '{kernel.name}', which has no "
+            "neutralising background term: its energy would depend on the cutoff. Use a neutral cell "
+            "or the gaussian kernel (Ewald summation with a uniform background)"
+        )
