@@ -12,8 +12,8 @@ charges), and failing that in the results of a calculator attached by the reader
 property's plain name. The total charge of a structure is ``info["total_charge"]``, else
 ``info["charge"]``, else the sum of the initial charges, else 0.
 
-Errors name the file: a *required* property missing from a configuration, elements the parameter
-set lacks, periodic cells. Configurations with non-finite coordinates or reference values are
+Errors name the file and the configuration: a *required* property missing, elements the parameter
+set lacks, periodic cells, atoms closer than ``min_distance`` (``qeq_unroll.checks``). Configurations with non-finite coordinates or reference values are
 skipped and counted in the report (``on_nonfinite="error"`` makes them an error).
 """
 
@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from ase.io import read
 
+from qeq_unroll import checks
 from qeq_unroll.dataset import PROPERTIES, Configuration, Dataset, is_finite
 from qeq_unroll.errors import QEqInputError
 from qeq_unroll.params import Params
@@ -67,6 +68,14 @@ def _total_charge(atoms) -> float:
     return 0.0
 
 
+def _check_distances(configuration, symbols, limits, source):
+    pairs = checks.closest_pairs(configuration.positions)
+    try:
+        checks.check_distances(pairs[0][2] if pairs else np.inf, lambda: pairs, symbols, limits)
+    except QEqInputError as error:
+        raise QEqInputError(f"{source}: {error}") from None
+
+
 def read_reference(
     paths: "str | os.PathLike | Sequence[str | os.PathLike]",
     params: Params,
@@ -74,13 +83,14 @@ def read_reference(
     required: Sequence[str] = ("energy", "forces"),
     index: str = ":",
     on_nonfinite: str = "skip",
+    min_distance: float = checks.Limits.min_distance,
 ) -> tuple[Dataset, dict]:
     """Read extended XYZ file(s) into a ``Dataset`` over ``params.elements``.
 
     keys: ``{property: key}`` overriding ``DEFAULT_KEYS`` (properties: energy, forces, charges,
     dipole). required: properties every configuration must have (others are read where present).
     index: ASE index string of the configurations to read. on_nonfinite: "skip" (count and report)
-    or "error". Returns ``(dataset, report)``; the report has ``files``, ``configurations`` (read),
+    or "error". min_distance: Å, closer atoms are an error naming them. Returns ``(dataset, report)``; the report has ``files``, ``configurations`` (read),
     ``skipped_nonfinite`` (``file:index`` of skipped ones) and ``properties`` (how many have each).
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -95,6 +105,7 @@ def read_reference(
     if on_nonfinite not in ("skip", "error"):
         raise QEqInputError(f"on_nonfinite must be 'skip' or 'error', got '{on_nonfinite}'")
     index_of = {e: i for i, e in enumerate(params.elements)}
+    limits = checks.Limits(min_distance=min_distance)
     configurations, skipped = [], []
     counts = {p: 0 for p in PROPERTIES}
     for path in paths:
@@ -141,6 +152,7 @@ def read_reference(
                     raise QEqInputError(f"{source}: non-finite coordinates or reference values")
                 skipped.append(source)
                 continue
+            _check_distances(c, atoms.get_chemical_symbols(), limits, source)
             for term in PROPERTIES:
                 counts[term] += values[term] is not None
             configurations.append(c)

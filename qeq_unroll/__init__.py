@@ -13,7 +13,8 @@ the library never changes JAX's global configuration.
 
 from .constants import COULOMB_CONSTANT, LAMMPS_COULOMB_CONSTANT
 from .energy import dipole_moment, energy_and_forces, energy_forces_stress, qeq_energy
-from .errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError
+from .checks import Limits
+from .errors import QEqConvergenceError, QEqConvergenceWarning, QEqError, QEqInputError, QEqRangeError, QEqResourceError
 from .gradients import GRADIENTS, Envelope, Implicit, Unrolled, get_gradient
 from .kernels import KERNELS, Gaussian, Point, ReaxFF, Slater, get_kernel
 from .lammps_io import read_lammps_qeq, write_lammps_qeq

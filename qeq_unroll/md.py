@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .errors import QEqInputError
+from .checks import Limits
+from .errors import QEqError, QEqInputError
 
 #: One femtosecond in the unit of time Å·√(amu/eV).
 FS = 1e-5 * math.sqrt(1.602176634e-19 / 1.66053906660e-27)
@@ -63,7 +64,7 @@ XL_COEFFICIENTS = {
 }
 
 
-class MDError(RuntimeError):
+class MDError(QEqError, RuntimeError):
     """The MD run cannot go on (it blew up, or its neighbour list cannot be made to fit)."""
 
 
@@ -190,6 +191,8 @@ class Settings:
     (:func:`history_nve`, NVE only); xl_order; report_every: steps between records; block:
     records per jitted block; seed; max_energy_change: |E_tot − E_tot(0)| per atom (eV) that
     counts as a blow-up in NVE; min_distance: Å below which atoms count as collided;
+    charge_margin: e, a charge beyond the largest |fragment charge| plus this is a blow-up (the
+    charge model broke down, ``checks.Limits``);
     capacity_multiplier: neighbour-list capacity over the largest count at allocation, grown by
     1.5× at each overflow up to max_capacity_multiplier."""
 
@@ -206,6 +209,7 @@ class Settings:
     seed: int = 0
     max_energy_change: float = 0.1
     min_distance: float = 0.4
+    charge_margin: float = 4.0
     capacity_multiplier: float = 1.25
     max_capacity_multiplier: float = 4.0
 
@@ -323,14 +327,17 @@ def _masses(masses, n, dtype):
     return jnp.asarray(m, dtype)
 
 
-def _blow_up(settings, rec, e0, n):
-    """Index of the first bad report and why (or None)."""
+def _blow_up(settings, rec, e0, n, bound):
+    """Index of the first bad report and why (or None); ``bound``: the largest |q| (e) accepted."""
     e_tot = rec.e_pot + rec.e_kin
     for i in range(len(rec.step)):
         if not (np.all(np.isfinite(rec.positions[i])) and np.isfinite(e_tot[i]) and np.all(np.isfinite(rec.charges[i]))):
             return i, "positions, energy or charges became non-finite"
         if rec.min_distance[i] < settings.min_distance:
             return i, f"two atoms came {rec.min_distance[i]:.3g} Å apart (limit {settings.min_distance} Å)"
+        k = int(np.argmax(np.abs(rec.charges[i])))
+        if abs(rec.charges[i][k]) > bound:
+            return i, f"the charge of atom {k} reached {rec.charges[i][k]:+.3g} e (bound ±{bound:.3g} e): the charge model broke down"
         if settings.ensemble == "nve" and abs(e_tot[i] - e0) / n > settings.max_energy_change:
             return i, (
                 f"the total energy changed by {(e_tot[i] - e0) / n:+.3g} eV/atom "
@@ -390,7 +397,8 @@ def run(settings, energy, params, system, masses, momenta=None, charges=None, sk
     block, observe = _block_fn(settings, fn, nfn, apply_fn, dof)
     first = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], observe(state, nbrs))
     e0 = float(first.e_pot[0] + first.e_kin[0])
-    bad = _blow_up(settings, first, e0, n)
+    bound = Limits(charge_margin=settings.charge_margin).charge_bound(system.fragment_charges)
+    bad = _blow_up(settings, first, e0, n, bound)
     if bad is not None:
         raise MDError(f"the starting structure is not fit for MD: {bad[1]}")
     yield first
@@ -401,7 +409,7 @@ def run(settings, energy, params, system, masses, momenta=None, charges=None, sk
         rec = jax.tree_util.tree_map(np.asarray, rec)
         rec = rec._replace(step=done + settings.report_every * np.arange(1, settings.block + 1))
         valid = int(np.argmax(rec.overflow)) if rec.overflow.any() else settings.block
-        bad = _blow_up(settings, jax.tree_util.tree_map(lambda x: x[:valid], rec), e0, n)
+        bad = _blow_up(settings, jax.tree_util.tree_map(lambda x: x[:valid], rec), e0, n, bound)
         if bad is not None:
             i, why = bad
             yield jax.tree_util.tree_map(lambda x: x[:i], rec)

@@ -78,6 +78,18 @@ def test_non_finite_values_are_skipped_and_counted(tmp_path):
         read_reference(path, PARAMS, on_nonfinite="error")
 
 
+def test_close_atoms_are_named_with_the_configuration(tmp_path):
+    """Two atoms pasted twice with a tiny offset: the file, the configuration, the atoms and the
+    distance are named; a lower ``min_distance`` lets the file through."""
+    bad = frame(4, 1)
+    bad.positions[3] = bad.positions[0] + [0.05, 0.0, 0.0]
+    path = tmp_path / "close.xyz"
+    write(path, [frame(4, 0), bad], format="extxyz")
+    with pytest.raises(QEqInputError, match=r"close\.xyz:1: atoms closer than min_distance 0.5 Å: atoms 0 \(Na\) and 3 \(Cl\) at 0.05 Å"):
+        read_reference(path, PARAMS)
+    assert len(read_reference(path, PARAMS, min_distance=0.01)[0]) == 2
+
+
 def test_shipped_reference_set():
     train, held = shipped_reference("train"), shipped_reference("heldout")
     assert train.stat().st_size + held.stat().st_size < 5e6

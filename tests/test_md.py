@@ -185,6 +185,18 @@ def test_neighbour_overflow_that_cannot_fit_is_an_error():
         list(md.run(settings, energy, SALT, system, atoms.get_masses(), layout="list"))
 
 
+def test_charges_beyond_the_bound_stop_the_run():
+    """The charge bound of ``checks.Limits`` holds in MD too: with no margin over the zero total
+    charge, the ionic charges of the start are beyond it, and the run names the atom."""
+    atoms = rock_salt(1, rattle=0.1)
+    energy = qu.qeq_energy(qu.ReaxFF(cutoff=6.0), qu.CG(iterations=3), "unrolled")
+    system = qu.make_system(atoms.positions, SALT.species_indices(atoms.get_chemical_symbols()),
+                            cell=np.asarray(atoms.cell[:]), pbc=(True, True, True))
+    settings = md.Settings(steps=10, charge_margin=0.0)
+    with pytest.raises(md.MDError, match=r"not fit for MD: the charge of atom \d+ reached [+-]\d\.\d+ e \(bound ±0 e\)"):
+        list(md.run(settings, energy, SALT, system, atoms.get_masses()))
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
