@@ -28,7 +28,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 import qeq_unroll
 from qeq_unroll import checks
-from qeq_unroll.errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError
+from qeq_unroll.errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError, QEqRangeError
 from qeq_unroll.learned import check_compatible
 from qeq_unroll.periodic import wrap
 
@@ -257,14 +257,16 @@ class QEqCalculator(Calculator):
         closest = lambda: self._closest_pairs(system, neighbors)  # noqa: E731
         checks.check_distances(float(aux["min_distance"]), closest, symbols, self.limits)
         charges = np.asarray(aux["charges"][: len(atoms)], dtype=float)
-        advice = self._advice(system)
         if not bool(aux["positive_definite"]) or not np.all(np.isfinite(charges)):
             raise QEqConvergenceError(
                 f"the hardness matrix of kernel '{self.kernel.name}' is not positive definite at this geometry "
                 f"(the charges would run away): the Coulomb coupling of close atoms outweighs their hardness "
-                f"(closest: {checks.describe_pairs(closest(), symbols)}){advice}"
+                f"(closest: {checks.describe_pairs(closest(), symbols)}){self._advice(system)}"
             )
-        checks.check_charges(charges, system.fragment_charges, symbols, self.limits, advice)
+        try:
+            checks.check_charges(charges, system.fragment_charges, symbols, self.limits)
+        except QEqRangeError as error:
+            raise QEqRangeError(f"{error}{self._advice(system)}") from None
         if not bool(aux["converged"]):
             solver = self.solver
             detail = (

@@ -308,9 +308,8 @@ def check_distances(shortest, pairs_fn, symbols, limits: Limits) -> None:
     )
 
 
-def check_charges(charges, fragment_charges, symbols, limits: Limits, advice="", count=4) -> None:
-    """Refuse charges (e) beyond ``limits.charge_bound``, naming the atoms that exceed it most;
-    ``advice`` (what to change) ends the message."""
+def check_charges(charges, fragment_charges, symbols, limits: Limits, count=4) -> None:
+    """Refuse charges (e) beyond ``limits.charge_bound``, naming the atoms that exceed it most."""
     q = np.asarray(charges, dtype=np.float64)
     bound = limits.charge_bound(fragment_charges)
     over = np.flatnonzero(~(np.abs(q) <= bound))
@@ -320,5 +319,5 @@ def check_charges(charges, fragment_charges, symbols, limits: Limits, advice="",
     named = ", ".join(f"atom {i} ({symbols[i]}) {q[i]:+.4g} e" for i in worst)
     raise QEqRangeError(
         f"{len(over)} charge(s) beyond ±{bound:.3g} e (largest |fragment charge| + charge_margin "
-        f"{limits.charge_margin} e): {named}. The charge model has broken down at this geometry{advice}"
+        f"{limits.charge_margin} e): {named}. The charge model has broken down at this geometry"
     )

@@ -86,8 +86,8 @@ def test_dense_cells_and_unit_slips_are_refused():
         checks.check_cell(cell, (True,) * 3, 200, limits)
     checks.check_cell(cell, (True,) * 3, 90, limits)
     checks.check_cell(5.64 / 0.529177 * np.eye(3), (True,) * 3, 8, limits)
-    length, n = checks.shortest_translation([[4, 0, 0], [3.9, 0.3, 0], [0, 0, 5]], (True,) * 3)
-    assert length == pytest.approx(np.hypot(0.1, 0.3)) and abs(n).tolist() == [1, 1, 0]
+    length, n = checks.shortest_translation([[1, 0, 0], [7.05, 0.3, 0], [0, 0, 5]], (True,) * 3)
+    assert length == pytest.approx(np.hypot(0.05, 0.3)) and (n * np.sign(n[1])).tolist() == [-7, 1, 0]
     # along a non-periodic direction the cell vector is no translation
     assert checks.shortest_translation([[4, 0, 0], [0, 5, 0], [0, 0, 0.1]], (True, True, False))[0] == 4
 
@@ -121,6 +121,26 @@ def test_close_and_coincident_atoms_are_named(reaxff_calc):
     same.calc = reaxff_calc
     with pytest.raises(QEqInputError, match=r"on top of each other: atoms 0 \(Na\) and 1 \(Cl\) at 0 Å\. "):
         same.get_potential_energy()
+
+
+def test_close_pairs_across_the_cell_boundary_are_named():
+    """Atom 0 and atom 2's image across the boundary are 0.3 Å apart: found through an image list
+    (by the calculator) and through a neighbour list, and the same pairs either way."""
+    atoms = Atoms("NaClCl", [[0.1, 1.0, 1.0], [2.9, 1.0, 1.0], [5.4, 1.0, 1.0]], cell=[5.6, 4.0, 4.0], pbc=True)
+    atoms.set_initial_charges([1.0, -1.0, 0.0])
+    atoms.calc = QEqCalculator(kernel="reaxff", cutoff=4.0)
+    with pytest.raises(QEqInputError, match=r"closer than min_distance 0.5 Å: atoms 0 \(Na\) and 2 \(Cl\) at 0.3 Å\. "):
+        atoms.get_potential_energy()
+    system = atoms.calc.system(atoms)
+    images = qu.image_list(system, 4.0)
+    listed = qu.neighbor_list(system, 4.0)
+    x = np.asarray(system.positions)
+    wrapped = x - np.floor(x / 5.6 * [1, 0, 0]) * [5.6, 0, 0]
+    by_images = checks.closest_pairs(wrapped, system.cell, system.pbc, images.shifts)
+    by_list = checks.closest_pairs(x, system.cell, system.pbc, listed.shifts, listed.partner)
+    assert [(min(i, j), max(i, j)) for i, j, _ in by_list] == [(min(i, j), max(i, j)) for i, j, _ in by_images]
+    np.testing.assert_allclose([r for *_, r in by_list], [0.3, 2.5, 2.8], atol=1e-12)
+    np.testing.assert_allclose([r for *_, r in by_images], [0.3, 2.5, 2.8], atol=1e-12)
 
 
 def test_charges_beyond_the_bound_are_refused_with_the_atoms():
