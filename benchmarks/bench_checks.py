@@ -182,7 +182,7 @@ def write(refused, overhead, fuzzed, args):
         "| bad input | seconds to the error | peak memory growth (MiB) | outcome |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {name} | {t:.2f} | {mib:.0f} | {outcome} |" for name, t, mib, outcome in refused]
+    lines += [f"| {name} | {t:.2f} | {mib:.0f} | {outcome.replace('|', '¦')} |" for name, t, mib, outcome in refused]
     lines += ["", "What the checks cost a sound structure (medians, same run):", "", "| comparison | ratio |", "|---|---|"]
     lines += [f"| {name} | {ratio:.2e} |" for name, ratio in overhead]
     lines += ["", "Property tests (`tests/test_checks.py`, hypothesis seed 0):", "",

@@ -109,7 +109,7 @@ class QEqCalculator(Calculator):
         params = qeq_unroll.load_params(p.params)
         self.kernel = qeq_unroll.get_kernel(p.kernel, p.cutoff)
         if p.reciprocal is not None:
-            if not getattr(self.kernel, "ewald", False):
+            if not self.kernel.ewald:
                 raise QEqInputError(f"reciprocal='{p.reciprocal}' is an option of the gaussian kernel, not '{self.kernel.name}'")
             self.kernel = dataclasses.replace(self.kernel, reciprocal=p.reciprocal)
         self.solver = qeq_unroll.get_solver(p.solver, p.iterations, tol, p.max_iterations, p.solver_params)

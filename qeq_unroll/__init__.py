@@ -12,7 +12,7 @@ the library never changes JAX's global configuration.
 """
 
 from .constants import COULOMB_CONSTANT, LAMMPS_COULOMB_CONSTANT
-from .energy import dipole_moment, energy_and_forces, energy_forces_stress, qeq_energy
+from .energy import QEqModel, dipole_moment, energy_and_forces, energy_forces_stress, qeq_energy
 from .checks import Limits
 from .errors import QEqConvergenceError, QEqConvergenceWarning, QEqError, QEqInputError, QEqRangeError, QEqResourceError
 from .gradients import GRADIENTS, Envelope, Implicit, Unrolled, get_gradient
@@ -22,6 +22,7 @@ from .neighbors import ImageList, NeighborList, Neighbors, image_list, neighbor_
 from .params import Params, builtin_sets, load_params, save_params
 from .solvers import CG, GD, NAG, SOLVERS, Diagnostics, Exact, Problem, get_solver
 from .system import System, make_system, size_bucket
+from .terms import AtomTerms, ElementTable
 from . import dataset, fit  # noqa: E402  (modules: qeq_unroll.fit.fit, qeq_unroll.fit.evaluate)
 from .dataset import Configuration, Dataset
 from .fit import FitConfig, FitResult

@@ -1,12 +1,14 @@
 """The energy function E(R) = E_short(R) + E_QEq(q(R), R): the one place the model is assembled.
 
-``qeq_energy(kernel, solver, gradient)`` returns ``energy(params, system, neighbors=None,
-guess=None) -> (E, aux)`` (jax-md style factory). E in eV; ``aux`` holds the charges (e), the solver diagnostics and the
-geometry checks. The calculator, the fitter and MD drivers all call this function; forces and
-stress come from ``jax.grad`` of it, so they are the exact derivative of the energy reported.
+:class:`QEqModel` is the model as a value: a kernel, a solver, a gradient mode, the Coulomb
+constant and the per-atom terms (``terms``), all frozen strategy values. Calling it,
+``model(params, system, neighbors=None, guess=None) -> (E, aux)``, is the energy (E in eV; ``aux``
+holds the charges (e), the solver diagnostics and the geometry checks). The calculator, the fitter
+and MD drivers all call it; forces and stress come from ``jax.grad`` of it, so they are the exact
+derivative of the energy reported. ``qeq_energy(kernel, solver, gradient)`` builds one from names.
 
 ``neighbors`` says which interactions exist (``neighbors.Neighbors``, built on the host by
-``energy.neighbors(system)`` = ``neighbors.build``): None for free space with all pairs; for
+``model.neighbors(system)`` = ``neighbors.build``): None for free space with all pairs; for
 periodic cells the pairs within the cutoff over every lattice image (a dense image list or a
 matrix-free neighbour list) and, for the gaussian kernel, the Ewald reciprocal vectors.
 """
@@ -26,9 +28,9 @@ from .gradients import get_gradient
 from .hardness import add_lowrank, add_operator, dense_hardness, electronegativity, pair_hardness
 from .kernels import get_kernel
 from .neighbors import ImageList, NeighborList, Neighbors, build, update_neighbors
-from .pairs import pair_energy
 from .periodic import deform, volume
 from .solvers import Problem, get_solver
+from .terms import ElementTable
 
 
 def _unpack(neighbors):
@@ -49,126 +51,143 @@ def _pairs(system, source, cutoff):
     return list_pairs(system, source, cutoff)
 
 
-def assemble(kernel, params, system, coulomb_constant=COULOMB_CONSTANT, neighbors=None):
-    """``(problem, pairs, e_constant)``: the charge problem, the pair geometry (for short-range
-    terms) and a charge-independent energy (eV; the Ewald background of a charged cell)."""
-    source, reciprocal = _unpack(neighbors)
-    chi = electronegativity(params, system)
-    targets = system.fragment_charges
-    if not system.periodic and getattr(kernel, "ewald", False) and kernel.cutoff is not None:
+def _check_layout(kernel, system, source, reciprocal):
+    """Errors for a system and neighbours that the kernel cannot use together."""
+    if not system.periodic and kernel.ewald and kernel.cutoff is not None:
         raise QEqInputError(
             f"the gaussian kernel's cutoff ({kernel.cutoff} Å) is the Ewald real-space cutoff of periodic cells; "
             "a free-space system sums all pairs and cannot honour it: use cutoff=None"
         )
-    if source is None:
-        if system.periodic:
-            raise QEqInputError(
-                "a periodic system needs its neighbours: pass neighbors=energy.neighbors(system) "
-                "(qeq_unroll.neighbors.build), built on the host for the kernel and cell"
-            )
-        r, mask = dense_pairs(system)
-        hardness = dense_hardness(kernel, params, system, r, mask, coulomb_constant)
-        problem = Problem(hardness, chi, system.fragments, targets, system.species, r, mask)
-        return problem, Pairs(r, mask, None), jnp.zeros((), chi.dtype)
-    e_const = jnp.zeros((), chi.dtype)
-    if system.periodic and getattr(kernel, "ewald", False):
-        if reciprocal is None:
-            raise QEqInputError("the gaussian kernel in a periodic cell needs its Ewald plan: use energy.neighbors(system)")
-        alpha = reciprocal.alpha
-        pairs = _pairs(system, source, reciprocal.real_cutoff)
-        hardness = pair_hardness(kernel, params, system, pairs, coulomb_constant, coupling=ewald.real_coupling(alpha))
-        shift = jnp.where(system.mask, coulomb_constant * ewald.self_term(alpha), 0.0)
-        hardness = hardness._replace(
-            diagonal=hardness.diagonal + shift,
-            matrix=None if hardness.matrix is None else hardness.matrix + jnp.diag(shift),
-            base=None if hardness.base is None else hardness.base + shift,
+    if source is None and system.periodic:
+        raise QEqInputError(
+            "a periodic system needs its neighbours: pass neighbors=energy.neighbors(system) "
+            "(qeq_unroll.neighbors.build), built on the host for the kernel and cell"
         )
-        if isinstance(reciprocal, pme.Mesh):
-            term = pme.operator(system.positions, system.cell, reciprocal, system.mask, coulomb_constant)
-            hardness = add_operator(hardness, term)
-        else:
-            factor = ewald.reciprocal_factor(system.positions, system.cell, reciprocal, system.mask, coulomb_constant)
-            hardness = add_lowrank(hardness, factor)
+    if source is not None and system.periodic and kernel.ewald and reciprocal is None:
+        raise QEqInputError("the gaussian kernel in a periodic cell needs its Ewald plan: use energy.neighbors(system)")
+    if source is not None and not (system.periodic and kernel.ewald) and kernel.cutoff is None:
+        raise QEqInputError(f"kernel '{kernel.name}' with a neighbour list needs a cutoff")
+
+
+def _geometry(kernel, system, source, reciprocal) -> Pairs:
+    """The pairs the kernel couples: all pairs in free space, else those of the neighbours within
+    the kernel's cutoff (the Ewald real-space cutoff for the periodic gaussian kernel)."""
+    if source is None:
+        r, mask = dense_pairs(system)
+        return Pairs(r, mask, None)
+    ewald_sum = system.periodic and kernel.ewald
+    return _pairs(system, source, reciprocal.real_cutoff if ewald_sum else kernel.cutoff)
+
+
+def _ewald_hardness(kernel, params, system, pairs, reciprocal, hardness, coulomb_constant):
+    """H of the periodic gaussian kernel: real-space pairs, self terms and reciprocal space
+    (low-rank exact sum or PME operator)."""
+    alpha = reciprocal.alpha
+    h = pair_hardness(kernel, params, system, pairs, hardness, coulomb_constant, coupling=ewald.real_coupling(alpha))
+    shift = jnp.where(system.mask, coulomb_constant * ewald.self_term(alpha), 0.0)
+    h = h._replace(
+        diagonal=h.diagonal + shift,
+        matrix=None if h.matrix is None else h.matrix + jnp.diag(shift),
+        base=None if h.base is None else h.base + shift,
+    )
+    if isinstance(reciprocal, pme.Mesh):
+        return add_operator(h, pme.operator(system.positions, system.cell, reciprocal, system.mask, coulomb_constant))
+    factor = ewald.reciprocal_factor(system.positions, system.cell, reciprocal, system.mask, coulomb_constant)
+    return add_lowrank(h, factor)
+
+
+def assemble(kernel, params, system, coulomb_constant=COULOMB_CONSTANT, neighbors=None, terms=ElementTable()):
+    """``(problem, pairs, e_constant)``: the charge problem, the pair geometry (for short-range
+    terms) and a charge-independent energy (eV; the Ewald background of a charged cell). χ_i and
+    J_i come from ``terms`` (``terms.ElementTable`` by default)."""
+    source, reciprocal = _unpack(neighbors)
+    _check_layout(kernel, system, source, reciprocal)
+    pairs = _geometry(kernel, system, source, reciprocal)
+    atoms = terms.atom_terms(params, system, pairs)
+    chi = electronegativity(atoms.chi, system)
+    e_const = jnp.zeros((), chi.dtype)
+    if source is None:
+        hardness = dense_hardness(kernel, params, system, pairs.r, pairs.mask, atoms.hardness, coulomb_constant)
+        return Problem(hardness, chi, system.fragments, system.fragment_charges, system.species, pairs.r, pairs.mask), pairs, e_const
+    if system.periodic and kernel.ewald:
+        hardness = _ewald_hardness(kernel, params, system, pairs, reciprocal, atoms.hardness, coulomb_constant)
         dchi, e_const = ewald.background(params, system, reciprocal, coulomb_constant)
         chi = chi + dchi
     else:
-        if kernel.cutoff is None:
-            raise QEqInputError(f"kernel '{kernel.name}' with a neighbour list needs a cutoff")
-        pairs = _pairs(system, source, kernel.cutoff)
-        hardness = pair_hardness(kernel, params, system, pairs, coulomb_constant)
-    problem = Problem(hardness, chi, system.fragments, targets, system.species, None, None)
-    return problem, pairs, e_const
+        hardness = pair_hardness(kernel, params, system, pairs, atoms.hardness, coulomb_constant)
+    return Problem(hardness, chi, system.fragments, system.fragment_charges, system.species, None, None), pairs, e_const
 
 
-def qeq_problem(kernel, params, system, coulomb_constant=COULOMB_CONSTANT, neighbors=None) -> Problem:
+def qeq_problem(kernel, params, system, coulomb_constant=COULOMB_CONSTANT, neighbors=None, terms=ElementTable()) -> Problem:
     """The charge problem of ``system``: hardness operator, χ, constraints and pair geometry."""
-    return assemble(kernel, params, system, coulomb_constant, neighbors)[0]
+    return assemble(kernel, params, system, coulomb_constant, neighbors, terms)[0]
 
 
-def _check_solver(solver, system, neighbors):
-    parts = (getattr(solver, "start", None), getattr(solver, "preconditioner", None))
-    if (system.periodic or _unpack(neighbors)[0] is not None) and any(type(p).__name__.startswith("Learned") for p in parts):
-        raise QEqInputError(
-            "the learned solver does not support periodic systems or neighbour lists yet (it works on "
-            "dense free-space pairs)"
-        )
+@dataclasses.dataclass(frozen=True)
+class QEqModel:
+    """The charge model as a value: ``kernel``, ``solver`` and ``gradient`` strategy values, the
+    Coulomb constant k_e (eV·Å/e²; LAMMPS uses 14.4) and ``terms``, where χ_i, J_i and the
+    short-range energy come from (``terms.ElementTable``: per element).
 
-
-def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_constant=COULOMB_CONSTANT):
-    """Build ``energy(params, system, neighbors=None, guess=None) -> (E, aux)``.
-
-    kernel, solver, gradient: strategy objects or names (see ``kernels``, ``solvers``,
-    ``gradients``). coulomb_constant: k_e in eV·Å/e² (LAMMPS uses 14.4).
-
-    aux: ``charges`` (N,) e, ``e_qeq`` and ``e_short`` eV, ``residual``, ``iterations``,
+    ``model(params, system, neighbors=None, guess=None) -> (E, aux)``: the energy (eV). aux:
+    ``charges`` (N,) e, ``e_qeq`` and ``e_short`` eV, ``residual``, ``iterations``,
     ``converged``, ``positive_definite`` (solver diagnostics), ``min_distance`` Å,
     ``neighbors_overflow`` (True: the neighbour list was too small or stale; results invalid).
-
     guess: optional (N,) starting charges (e) for the iterative solvers (MD history: the previous
     step's charges, or extended-Lagrangian auxiliary charges). It is a constant for
     differentiation, so the forces are −∂E/∂R at that fixed guess; the exact solver ignores it.
 
-    ``energy.neighbors(system, params=None, **kw)`` builds the ``neighbors`` argument on the host
-    (``neighbors.build`` for this kernel); ``energy.update_neighbors(neighbors, system)`` updates
-    it inside jit.
-    """
-    kernel = get_kernel(kernel)
-    solver = get_solver(solver)
-    gradient = get_gradient(gradient)
+    ``model.neighbors(system, params=None, **kw)`` builds the ``neighbors`` argument on the host
+    (``neighbors.build`` for this kernel); ``model.update_neighbors(neighbors, system)`` updates
+    it inside jit."""
 
-    def energy(params, system, neighbors=None, guess=None):
-        _check_solver(solver, system, neighbors)
-        problem, pairs, e_const = assemble(kernel, params, system, coulomb_constant, neighbors)
+    kernel: object
+    solver: object
+    gradient: object
+    coulomb_constant: float = COULOMB_CONSTANT
+    terms: object = ElementTable()
+
+    def __call__(self, params, system, neighbors=None, guess=None):
+        source = _unpack(neighbors)[0]
+        if (system.periodic or source is not None) and self.solver.needs_distances:
+            raise QEqInputError(
+                f"solver '{self.solver.name}' does not support periodic systems or neighbour lists yet (it works on "
+                "dense free-space pairs)"
+            )
+        problem, pairs, e_const = assemble(self.kernel, params, system, self.coulomb_constant, neighbors, self.terms)
         if guess is not None:
             problem = problem._replace(guess=guess)
-        q, diagnostics = gradient.charges(solver, problem)
+        q, diagnostics = self.gradient.charges(self.solver, problem)
         e_qeq = jnp.vdot(problem.chi, q) + problem.hardness.quadratic(q) + e_const
-        e_short = pair_energy(params, system.species, pairs.r, pairs.mask, pairs.neighbors)
-        overflow = _unpack(neighbors)[0]
-        overflow = jnp.asarray(False) if overflow is None else getattr(overflow, "overflow", jnp.asarray(False))
+        e_short = self.terms.short_range(params, system, pairs, q)
         aux = dict(
             charges=q,
             e_qeq=e_qeq,
             e_short=e_short,
             min_distance=jax.lax.stop_gradient(min_distance(pairs)),
-            neighbors_overflow=overflow,
+            neighbors_overflow=jnp.asarray(False) if source is None else source.overflow,
             **diagnostics._asdict(),
         )
         return e_qeq + e_short, aux
 
-    energy.kernel, energy.solver, energy.gradient = kernel, solver, gradient
-    energy.coulomb_constant = coulomb_constant
-    energy.neighbors = lambda system, params=None, **kw: build(kernel, system, params, **kw)
-    energy.update_neighbors = lambda neighbors, system: _update(neighbors, system)
-    return energy
+    def neighbors(self, system, params=None, **kw) -> Neighbors:
+        """The ``neighbors`` argument of ``system`` for this model's kernel (host, ``neighbors.build``)."""
+        return build(self.kernel, system, params, **kw)
+
+    def update_neighbors(self, neighbors, system):
+        """``neighbors`` for the current positions (jittable, fixed capacity)."""
+        if isinstance(neighbors, Neighbors):
+            return neighbors.update(system)
+        if isinstance(neighbors, NeighborList):
+            return update_neighbors(neighbors, system)
+        return neighbors
 
 
-def _update(neighbors, system):
-    if isinstance(neighbors, Neighbors):
-        return neighbors.update(system)
-    if isinstance(neighbors, NeighborList):
-        return update_neighbors(neighbors, system)
-    return neighbors
+def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_constant=COULOMB_CONSTANT, terms=None) -> QEqModel:
+    """A :class:`QEqModel` from strategy values or names (see ``kernels``, ``solvers``,
+    ``gradients``; ``terms`` None: ``terms.ElementTable``)."""
+    terms = ElementTable() if terms is None else terms
+    return QEqModel(get_kernel(kernel), get_solver(solver), get_gradient(gradient), coulomb_constant, terms)
 
 
 def energy_and_forces(energy):

@@ -428,21 +428,15 @@ def _fingerprint(params, train, validation, config, model_name) -> dict:
     )
 
 
-def _model_name(energy) -> str:
-    parts = []
-    for attr in ("kernel", "solver", "gradient"):
-        obj = getattr(energy, attr, None)
-        parts.append(repr(obj))
-    return " ".join(parts)
+def _model_name(model) -> str:
+    return " ".join(repr(part) for part in (model.kernel, model.solver, model.gradient))
 
 
-def model_label(energy) -> str:
+def model_label(model) -> str:
     """A short description of the model, e.g. "gaussian kernel, cg K=20, unrolled gradients"."""
-    kernel, solver, gradient = (getattr(energy, a, None) for a in ("kernel", "solver", "gradient"))
-    k = getattr(solver, "iterations", None)
-    iters = f"K={k}" if k else ("to tol" if hasattr(solver, "iterations") else "")
-    return (f"{getattr(kernel, 'name', kernel)} kernel, {getattr(solver, 'name', solver)} {iters}".rstrip()
-            + f", {getattr(gradient, 'name', gradient)} gradients")
+    k = getattr(model.solver, "iterations", None)
+    iters = f"K={k}" if k else ("to tol" if hasattr(model.solver, "iterations") else "")
+    return f"{model.kernel.name} kernel, {model.solver.name} {iters}".rstrip() + f", {model.gradient.name} gradients"
 
 
 def offsets_dict(params: Params, offsets) -> dict:
@@ -490,7 +484,7 @@ def fit(
         raise QEqInputError("resume needs the checkpoint path")
     needed = [k for k in energy.kernel.required]
     params.require(needed, train.species_present())
-    if getattr(energy.gradient, "name", "") == "envelope":
+    if energy.gradient.name == "envelope":
         raise QEqInputError(
             "gradient='envelope' gives wrong parameter gradients of a force loss (the charges' response "
             "is left out); fit with 'unrolled' or 'implicit'"

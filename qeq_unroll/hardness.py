@@ -1,6 +1,5 @@
 """The hardness operator H of the charge problem: dense, or matrix-free over a neighbour list,
-plus optional low-rank (Ewald reciprocal space), matrix-free (PME reciprocal space) and uniform
-(neutralising background) parts.
+plus optional low-rank (Ewald reciprocal space) and matrix-free (PME reciprocal space) parts.
 
 H_ii = J_i + k_e S_i (kernel self term) + k_e Σ_{images n≠0} K_ii(|n|); H_ij = k_e Σ_n K_ij(|r_ij + n|)
 (free space: n = 0 only); units eV/e². Padding rows are the identity with χ = 0, so padded charges
@@ -24,8 +23,7 @@ class Hardness(NamedTuple):
     every part included. List layout: ``values`` (M, N) couplings to ``neighbors`` (M, N)
     (slot-major, see ``neighbors.NeighborList``), ``base`` (N,) the diagonal without self-image
     couplings and ``occupied`` the leading slots that hold every non-zero value (``geometry.Pairs``).
-    ``lowrank`` (N, P): adds U Uᵀ (Ewald reciprocal space). ``uniform`` (scalar) with ``real`` (N,) 0/1: adds c u uᵀ (the
-    neutralising background, the same for every pair). ``operator``: adds a symmetric matrix-free
+    ``lowrank`` (N, P): adds U Uᵀ (Ewald reciprocal space). ``operator``: adds a symmetric matrix-free
     term with ``matvec(q)``, ``quadratic(q)`` and ``dense()`` (``pme.MeshOperator``)."""
 
     matrix: jax.Array | None
@@ -34,8 +32,6 @@ class Hardness(NamedTuple):
     neighbors: jax.Array | None = None
     base: jax.Array | None = None
     lowrank: jax.Array | None = None
-    uniform: jax.Array | None = None
-    real: jax.Array | None = None
     operator: object = None
     occupied: jax.Array | None = None
 
@@ -62,8 +58,6 @@ class Hardness(NamedTuple):
             out = self.base * q + symmetric_list_matvec(self.values, self.neighbors, q, self.occupied)
         if self.lowrank is not None:
             out = out + self.lowrank @ (self.lowrank.T @ q)
-        if self.uniform is not None:
-            out = out + self.uniform * self.real * jnp.vdot(self.real, q)
         return out
 
     def dense(self):
@@ -77,8 +71,6 @@ class Hardness(NamedTuple):
             h = 0.5 * (h + h.T) + jnp.diag(self.base)  # symmetric in value, and in its cotangent
         if self.lowrank is not None:
             h = h + self.lowrank @ self.lowrank.T
-        if self.uniform is not None:
-            h = h + self.uniform * jnp.outer(self.real, self.real)
         if self.operator is not None:
             h = h + self.operator.dense()
         return h
@@ -110,26 +102,27 @@ def _matvec_bwd(res, ybar):
 symmetric_list_matvec.defvjp(_matvec_fwd, _matvec_bwd)
 
 
-def dense_hardness(kernel, params, system, r, pair_mask, coulomb_constant) -> Hardness:
-    """Dense H of a free-space ``system`` for ``kernel`` from its pair distances ``r`` (Å) and
-    ``pair_mask``."""
+def dense_hardness(kernel, params, system, r, pair_mask, hardness, coulomb_constant) -> Hardness:
+    """Dense H of a free-space ``system`` for ``kernel`` from its pair distances ``r`` (Å),
+    ``pair_mask`` and the atoms' hardness J (N,) eV/e²."""
     s = system.species
     coupling = kernel.coupling(params, s[:, None], s[None, :], r)
     off = jnp.where(pair_mask, coulomb_constant * coupling, 0.0)
-    diag = params.hardness[s] + coulomb_constant * kernel.self_term(params, s)
+    diag = hardness + coulomb_constant * kernel.self_term(params, s)
     diag = jnp.where(system.mask, diag, 1.0)
     return Hardness(matrix=off + jnp.diag(diag), diagonal=diag)
 
 
-def pair_hardness(kernel, params, system, pairs, coulomb_constant, coupling=None) -> Hardness:
-    """H from a ``geometry.Pairs`` of any layout: dense all-images (S, N, N) slabs are summed into
-    one matrix whose diagonal holds the self-image couplings; a neighbour list stays matrix-free.
-    ``coupling``: K(params, s_i, s_j, r) in 1/Å (default ``kernel.coupling``)."""
+def pair_hardness(kernel, params, system, pairs, hardness, coulomb_constant, coupling=None) -> Hardness:
+    """H from a ``geometry.Pairs`` of any layout and the atoms' hardness J (N,) eV/e²: dense
+    all-images (S, N, N) slabs are summed into one matrix whose diagonal holds the self-image
+    couplings; a neighbour list stays matrix-free. ``coupling``: K(params, s_i, s_j, r) in 1/Å
+    (default ``kernel.coupling``)."""
     coupling = kernel.coupling if coupling is None else coupling
     s = system.species
     si, sj = pairs.species(s)
     values = jnp.where(pairs.mask, coulomb_constant * coupling(params, si, sj, pairs.r), 0.0)
-    base = params.hardness[s] + coulomb_constant * kernel.self_term(params, s)
+    base = hardness + coulomb_constant * kernel.self_term(params, s)
     base = jnp.where(system.mask, base, 1.0)
     if pairs.neighbors is None:
         off = values if values.ndim == 2 else jnp.sum(values, axis=0)
@@ -155,16 +148,9 @@ def add_operator(hardness: Hardness, term) -> Hardness:
     return hardness._replace(operator=term, diagonal=hardness.diagonal + term.diagonal())
 
 
-def add_uniform(hardness: Hardness, value, real) -> Hardness:
-    """H + c u uᵀ with c = ``value`` (eV/e²) and u the 0/1 vector of real atoms."""
-    real = real.astype(hardness.diagonal.dtype)
-    return hardness._replace(uniform=value, real=real, diagonal=hardness.diagonal + value * real)
-
-
-def electronegativity(params, system):
-    """χ per atom (eV/e), zero on padding; with an external field E (V/Å) the potential −E·r_i of
-    the field adds −E·r_i (eV/e) to each atom's χ."""
-    chi = params.chi[system.species]
+def electronegativity(chi, system):
+    """The atoms' χ (N,) eV/e as the charge problem sees it: zero on padding; with an external
+    field E (V/Å) the potential −E·r_i of the field adds −E·r_i (eV/e) to each atom's χ."""
     if system.field is not None:
         chi = chi - system.positions @ system.field
     return jnp.where(system.mask, chi, 0.0)

@@ -226,6 +226,7 @@ class LearnedStart:
     residual z of that point (no further H product: H P y comes from the coarse level)."""
 
     params: LearnedSolverParams
+    needs_distances = True
 
     def __call__(self, problem):
         fine = fine_level(self.params, problem)
@@ -259,6 +260,7 @@ class LearnedPreconditioner:
     the constraint plane as z = M r − u S⁻¹ uᵀ r with u = M C, S = Cᵀ M C."""
 
     params: LearnedSolverParams
+    needs_distances = True
 
     def setup(self, problem):
         lp = self.params

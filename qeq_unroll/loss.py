@@ -27,8 +27,7 @@ def sequential(energy) -> bool:
     """Whether a batch is better evaluated one structure after the other (``lax.map``) than
     vectorised (``vmap``): for solvers iterating to a tolerance, whose data-dependent loop and
     branch would, vectorised, run every branch for every structure."""
-    solver = getattr(energy, "solver", None)
-    return hasattr(solver, "iterations") and solver.iterations is None
+    return hasattr(energy.solver, "iterations") and energy.solver.iterations is None
 
 
 def predict(evaluate: Callable, params: Params, offsets, batch: Batch, one_by_one: bool = False) -> dict:

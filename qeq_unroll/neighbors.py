@@ -51,6 +51,11 @@ class ImageList:
     shifts: jax.Array
     cutoff: float = 0.0
 
+    @property
+    def overflow(self) -> jax.Array:
+        """An image list is exact for its cell: never overflowed."""
+        return jnp.asarray(False)
+
 
 jax.tree_util.register_dataclass(ImageList, data_fields=["shifts"], meta_fields=["cutoff"])
 
@@ -336,7 +341,7 @@ class Neighbors:
 
     @property
     def overflow(self):
-        return getattr(self.pairs, "overflow", jnp.asarray(False))
+        return jnp.asarray(False) if self.pairs is None else self.pairs.overflow
 
     @property
     def did_buffer_overflow(self):
@@ -381,7 +386,7 @@ def build(kernel, system, params=None, layout="auto", skin=DEFAULT_SKIN, capacit
     cell = np.asarray(system.cell, dtype=np.float64)
     checks.check_cell(cell, system.pbc, n, limits)
     reciprocal = None
-    if getattr(kernel, "ewald", False):
+    if kernel.ewald:
         sigma_max = None
         if params is not None:
             species = np.unique(np.asarray(system.species)[np.asarray(system.mask)])

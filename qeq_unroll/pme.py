@@ -466,6 +466,7 @@ class MeshPreconditioner:
     semi-definite."""
 
     refinements: int = 1
+    needs_distances = False
 
     def __post_init__(self):
         if int(self.refinements) != self.refinements or self.refinements < 0:

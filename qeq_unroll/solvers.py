@@ -100,6 +100,8 @@ def product(hardness, q):
 class Jacobi:
     """Preconditioner M = diag(H)⁻¹, applied on the plane: z = M r − M 1_f λ_f (Σ_f z = 0)."""
 
+    needs_distances = False
+
     def setup(self, problem):
         return jnp.where(problem.fragments >= 0, 1.0 / problem.hardness.diagonal, 0.0)
 
@@ -111,6 +113,8 @@ class Jacobi:
 class DiagonalStart:
     """Start from the minimiser of the diagonal model (see ``constraints.diagonal_start``)."""
 
+    needs_distances = False
+
     def __call__(self, problem):
         return diagonal_start(problem.chi, problem.hardness.diagonal, problem.fragments, problem.targets)
 
@@ -119,6 +123,8 @@ class DiagonalStart:
 class UniformStart:
     """Start from each fragment's charge spread evenly (q = 0 for neutral fragments): the plain
     textbook start, kept as a baseline."""
+
+    needs_distances = False
 
     def __call__(self, problem):
         chi = problem.chi
@@ -149,6 +155,11 @@ class _Iterative:
             raise QEqInputError(f"iterations must be a positive integer or None, got {self.iterations}")
         if not self.tol >= 0:
             raise QEqInputError(f"tol must be non-negative, got {self.tol}")
+
+    @property
+    def needs_distances(self) -> bool:
+        """Whether a part reads the dense pair distances of the problem (free space only)."""
+        return self.start.needs_distances or self.preconditioner.needs_distances
 
     @property
     def n_steps(self) -> int:
@@ -362,6 +373,7 @@ class Exact:
 
     tol: float = 1e-10
     name: str = dataclasses.field(default="exact", init=False)
+    needs_distances = False
 
     def run(self, problem):
         h = problem.hardness.dense()
