@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qeq_unroll.errors import QEqConvergenceError, QEqInputError
+from qeq_unroll.errors import QEqError
 
 
 def add_demo(subparsers) -> None:
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     try:
         with jax.enable_x64(True):  # the command works in float64; the process-wide setting is left alone
             return int(args.func(args) or 0)
-    except (QEqInputError, QEqConvergenceError) as exc:
+    except QEqError as exc:
         print(f"qeq-unroll {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

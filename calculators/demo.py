@@ -91,7 +91,7 @@ def run_demo(fmax: float = 0.01, steps: int = 1000, settings: dict | None = None
         from .fitting import demo_fit
 
         echo("")
-        demo_fit(echo=echo)
+        demo_fit(echo=echo, fmax=fmax, steps=steps)
     return results
 
 

@@ -29,7 +29,7 @@ from ase.calculators.calculator import Calculator, all_changes
 import qeq_unroll
 from qeq_unroll import checks
 from qeq_unroll.errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError, QEqRangeError
-from qeq_unroll.learned import check_compatible
+from qeq_unroll.learned import check_compatible, solver_from_file
 from qeq_unroll.periodic import wrap
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
@@ -112,10 +112,12 @@ class QEqCalculator(Calculator):
             if not self.kernel.ewald:
                 raise QEqInputError(f"reciprocal='{p.reciprocal}' is an option of the gaussian kernel, not '{self.kernel.name}'")
             self.kernel = dataclasses.replace(self.kernel, reciprocal=p.reciprocal)
-        self.solver = qeq_unroll.get_solver(p.solver, p.iterations, tol, p.max_iterations, p.solver_params)
         if p.solver == "learned":
+            self.solver = solver_from_file(p.solver_params, p.iterations, tol)
             lp = self.solver.start.params
             check_compatible(lp, self.kernel.name, params.elements, source=f"solver file {p.solver_params}")
+        else:
+            self.solver = qeq_unroll.get_solver(p.solver, p.iterations, tol, p.max_iterations)
         self.gradient = qeq_unroll.get_gradient(p.gradient)
         self.qeq_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self._dtype), params)
         energy = qeq_unroll.qeq_energy(self.kernel, self.solver, self.gradient, p.coulomb_constant)

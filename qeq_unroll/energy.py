@@ -20,12 +20,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from . import ewald, pme
+from . import ewald
 from .constants import COULOMB_CONSTANT
 from .errors import QEqInputError
 from .geometry import Pairs, dense_pairs, image_pairs, list_pairs, min_distance
 from .gradients import get_gradient
-from .hardness import add_lowrank, add_operator, dense_hardness, electronegativity, pair_hardness
+from .hardness import dense_hardness, electronegativity, pair_hardness
 from .kernels import get_kernel
 from .neighbors import ImageList, NeighborList, Neighbors, build, update_neighbors
 from .periodic import deform, volume
@@ -90,10 +90,7 @@ def _ewald_hardness(kernel, params, system, pairs, reciprocal, hardness, coulomb
         matrix=None if h.matrix is None else h.matrix + jnp.diag(shift),
         base=None if h.base is None else h.base + shift,
     )
-    if isinstance(reciprocal, pme.Mesh):
-        return add_operator(h, pme.operator(system.positions, system.cell, reciprocal, system.mask, coulomb_constant))
-    factor = ewald.reciprocal_factor(system.positions, system.cell, reciprocal, system.mask, coulomb_constant)
-    return add_lowrank(h, factor)
+    return reciprocal.add_to(h, system.positions, system.cell, system.mask, coulomb_constant)
 
 
 def assemble(kernel, params, system, coulomb_constant=COULOMB_CONSTANT, neighbors=None, terms=ElementTable()):
@@ -123,7 +120,7 @@ def qeq_problem(kernel, params, system, coulomb_constant=COULOMB_CONSTANT, neigh
     return assemble(kernel, params, system, coulomb_constant, neighbors, terms)[0]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class QEqModel:
     """The charge model as a value: ``kernel``, ``solver`` and ``gradient`` strategy values, the
     Coulomb constant k_e (eV·Å/e²; LAMMPS uses 14.4) and ``terms``, where χ_i, J_i and the
@@ -139,7 +136,8 @@ class QEqModel:
 
     ``model.neighbors(system, params=None, **kw)`` builds the ``neighbors`` argument on the host
     (``neighbors.build`` for this kernel); ``model.update_neighbors(neighbors, system)`` updates
-    it inside jit."""
+    it inside jit. Frozen and hashed by identity (jit caches compiled functions on it): build a
+    model once and reuse it."""
 
     kernel: object
     solver: object

@@ -41,6 +41,7 @@ import numpy as np
 from jax.scipy.special import erfc
 
 from .errors import QEqInputError
+from .hardness import add_lowrank
 from .periodic import volume
 
 #: Default relative accuracy of Ewald sums.
@@ -61,6 +62,15 @@ class Reciprocal:
     alpha: float = 0.0
     real_cutoff: float = 0.0
     accuracy: float = DEFAULT_ACCURACY
+
+    def add_to(self, hardness, positions, cell, mask, coulomb_constant):
+        """``hardness`` plus the reciprocal part of H, kept low-rank (``reciprocal_factor``)."""
+        return add_lowrank(hardness, reciprocal_factor(positions, cell, self, mask, coulomb_constant))
+
+    def energy(self, charges, positions, cell, coulomb_constant):
+        """Reciprocal-space energy (eV) of fixed charges (e), the exact k-sum."""
+        u = reciprocal_factor(positions, cell, self, jnp.ones(positions.shape[0], bool), coulomb_constant)
+        return 0.5 * jnp.sum((u.T @ charges) ** 2)
 
 
 jax.tree_util.register_dataclass(Reciprocal, data_fields=["miller"], meta_fields=["alpha", "real_cutoff", "accuracy"])
@@ -192,13 +202,7 @@ def madelung_energy(charges, positions, cell, reciprocal, shifts, coulomb_consta
     r = jnp.sqrt(jnp.where(not_self, jnp.sum(d * d, axis=-1), 1.0))
     inside = not_self & (r < reciprocal.real_cutoff)
     real = 0.5 * jnp.sum(jnp.where(inside, charges[None, :, None] * charges[None, None, :] * erfc(alpha * r) / r, 0.0))
-    if isinstance(reciprocal, Reciprocal):
-        u = reciprocal_factor(positions, cell, reciprocal, jnp.ones(n, bool), 1.0)
-        recip = 0.5 * jnp.sum((u.T @ charges) ** 2)
-    else:  # a pme.Mesh
-        from . import pme  # noqa: PLC0415 - pme builds on this module
-
-        recip = 0.5 * charges @ pme.operator(positions, cell, reciprocal, jnp.ones(n, bool), 1.0).matvec(charges)
+    recip = reciprocal.energy(charges, positions, cell, 1.0)
     own = self_term(alpha) * 0.5 * jnp.sum(charges**2)
     bg = -math.pi * jnp.sum(charges) ** 2 / (2.0 * volume(cell) * alpha**2)
     return coulomb_constant * (real + recip + own + bg)

@@ -215,12 +215,6 @@ class StepSpec:
         return loss
 
 
-def _schedule(lr, schedule, steps_total, final_fraction):
-    if schedule == "cosine":
-        return optax.cosine_decay_schedule(lr, max(int(steps_total), 1), alpha=final_fraction)
-    return optax.constant_schedule(lr)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _adam_step(spec: StepSpec, raw, opt_state, anchor, raw0, batch, learning_rate):
     (loss, sums), grad = jax.value_and_grad(spec.loss, has_aux=True)(raw, anchor, raw0, batch)
@@ -246,12 +240,6 @@ def _param_sums(energy, params, offsets, batch):
     """(sums of errors, predicted energies) of a batch for plain ``Params``."""
     p = predict(energy_and_forces(energy), params, offsets, batch, sequential(energy))
     return sums_of_errors(p, batch), p["energy"]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def predict_batch(energy, params, offsets, batch):
-    """Compiled :func:`predict` of a batch for the model ``energy`` (static: build it once)."""
-    return predict(energy_and_forces(energy), params, offsets, batch, sequential(energy))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -281,6 +269,10 @@ class Fitter:
             opt = ("adam", None if config.clip_norm is None else float(config.clip_norm))
         self.spec = StepSpec(energy, par, tuple(self.weights.items()), float(config.pull), opt)
         self.optimizer = self.spec.build_optimizer()
+        if config.schedule == "cosine":
+            self.schedule = optax.cosine_decay_schedule(config.learning_rate, max(self.steps_total, 1), alpha=config.final_lr_fraction)
+        else:
+            self.schedule = optax.constant_schedule(config.learning_rate)
         self.mesh = None
         if config.devices > 1:
             devices = jax.devices()
@@ -315,13 +307,7 @@ class Fitter:
 
     def learning_rate(self, step: int) -> float | None:
         """Adam's learning rate at optimiser step ``step`` (None for L-BFGS)."""
-        c = self.config
-        if c.optimizer == "lbfgs":
-            return None
-        if c.schedule == "constant":
-            return float(c.learning_rate)
-        t = min(step / max(self.steps_total, 1), 1.0)
-        return float(c.learning_rate * (c.final_lr_fraction + (1.0 - c.final_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * t))))
+        return None if self.config.optimizer == "lbfgs" else float(self.schedule(step))
 
     # compiled functions
     def init(self, raw):
@@ -413,8 +399,13 @@ def load_checkpoint(path) -> dict:
         raise QEqInputError(f"cannot resume: checkpoint {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise QEqInputError(f"checkpoint {path} is not valid JSON: {exc}") from exc
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
-        raise QEqInputError(f"{path} is not a qeq-unroll fit checkpoint (version {CHECKPOINT_VERSION})")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise QEqInputError(f"{path} is not a qeq-unroll fit checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise QEqInputError(
+            f"checkpoint {path} has format version {state.get('version')}, this qeq-unroll reads version "
+            f"{CHECKPOINT_VERSION}: start the fit again without resuming"
+        )
     return state
 
 
@@ -450,7 +441,226 @@ def fitted_params(params: Params, offsets, name: str | None = None, note: str = 
     return params.replace(name=name or f"{params.name}-fit", notes=notes.strip() or params.notes)
 
 
+# --- the state of a fit ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What a fit holds fixed from start to end: its inputs, the parametrisation, the batches and
+    the compiled functions (``fitter``)."""
+
+    params: Params
+    train: Dataset
+    validation: Dataset | None
+    energy: Callable
+    config: FitConfig
+    par: Parametrisation
+    anchor: Mapping
+    batcher: Batcher
+    fitter: "Fitter"
+    train_eval: list
+    val_eval: list
+    train_stacks: list | None
+    fingerprint: dict
+    steps_total: int
+
+    @property
+    def lbfgs(self) -> bool:
+        return self.config.optimizer == "lbfgs"
+
+
+@dataclasses.dataclass
+class FitState:
+    """Where a fit stands, all a checkpoint holds: the start ``raw0`` (raw coordinates with the
+    least-squares energy offsets), the current ``raw`` and optimiser state, the best parameters so
+    far, optimiser ``step``, ``epoch``, ``position`` in the epoch's batch ``order``, early-stopping
+    counters, the epoch ``history``, and the ``initial`` metrics."""
+
+    raw0: Any
+    raw: Any
+    opt_state: Any
+    best_raw: Any
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    order: list | None = None
+    best_loss: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    done: bool = False
+    stopped_early: bool = False
+    initial: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, run: _Run) -> "FitState":
+        """The start of a fit: energy offsets by least squares, metrics of the start."""
+        fitter, params = run.fitter, run.params
+        zeros = jnp.zeros(len(params.elements), dtype=params.chi.dtype)
+        raw0 = fitter.replicate(_strong(run.par.raw(run.anchor, zeros)))
+        if run.train.has("energy"):
+            offsets0 = jnp.asarray(_initial_offsets(fitter, raw0, run.batcher), dtype=params.chi.dtype)
+            raw0 = fitter.replicate(_strong(run.par.raw(run.anchor, offsets0)))
+        initial = {"train": fitter.metrics(raw0, run.train_eval)}
+        if run.val_eval:
+            initial["validation"] = fitter.metrics(raw0, run.val_eval)
+        return cls(raw0, raw0, fitter.replicate(fitter.init(raw0)), raw0, initial=initial)
+
+    @classmethod
+    def from_checkpoint(cls, run: _Run, path) -> "FitState":
+        """The state written to ``path``; the fit it belongs to must be ``run``'s."""
+        state = load_checkpoint(path)
+        expected = json.loads(json.dumps(run.fingerprint))
+        if state["fingerprint"] != expected:
+            diff = [k for k in expected if expected[k] != state["fingerprint"].get(k)]
+            raise QEqInputError(f"cannot resume from {path}: it belongs to a different fit (differs in: {', '.join(diff)})")
+        fitter = run.fitter
+        like = _strong(run.par.raw(run.anchor, jnp.zeros(len(run.params.elements), dtype=run.params.chi.dtype)))
+        raw = fitter.replicate(_decode_tree(like, state["raw"], "parameters"))
+        return cls(
+            raw0=fitter.replicate(_decode_tree(like, state["raw0"], "start")),
+            raw=raw,
+            opt_state=fitter.replicate(_decode_tree(fitter.init(raw), state["opt_state"], "optimiser state")),
+            best_raw=fitter.replicate(_decode_tree(like, state["best_raw"], "best parameters")),
+            order=None if state["order"] is None else [tuple(p) for p in state["order"]],
+            **{k: state[k] for k in ("step", "epoch", "position", "best_loss", "best_epoch", "bad_epochs",
+                                     "history", "done", "stopped_early", "initial")},
+        )  # fmt: skip
+
+    def to_checkpoint(self, run: _Run) -> dict:
+        """The checkpoint's JSON content (format ``CHECKPOINT_FORMAT``, ``CHECKPOINT_VERSION``)."""
+        best = run.fitter.params(self.best_raw)
+        offsets = jax.device_get(self.best_raw["offsets"])
+        return dict(
+            format=CHECKPOINT_FORMAT,
+            version=CHECKPOINT_VERSION,
+            fingerprint=run.fingerprint,
+            order=None if self.order is None else [[int(p[0]), [int(i) for i in p[1]]] for p in self.order],
+            raw0=_encode_tree(self.raw0),
+            raw=_encode_tree(self.raw),
+            opt_state=_encode_tree(self.opt_state),
+            best_raw=_encode_tree(self.best_raw),
+            final=dict(params=fitted_params(best, offsets).to_dict(), offsets=offsets_dict(run.params, offsets)),
+            **{k: getattr(self, k) for k in ("step", "epoch", "position", "best_loss", "best_epoch", "bad_epochs",
+                                             "history", "done", "stopped_early", "initial")},
+        )  # fmt: skip
+
+
 # --- the loop --------------------------------------------------------------------------------
+def _check_inputs(params, train, energy, config, validation):
+    """Refuse a fit that cannot work, naming why."""
+    if len(train) == 0:
+        raise QEqInputError("no training configurations")
+    if tuple(train.elements) != tuple(params.elements):
+        raise QEqInputError(f"the training data are indexed by elements {train.elements}, the parameters by {params.elements}")
+    params.require(energy.kernel.required, train.species_present())
+    if energy.gradient.name == "envelope":
+        raise QEqInputError(
+            "gradient='envelope' gives wrong parameter gradients of a force loss (the charges' response "
+            "is left out); fit with 'unrolled' or 'implicit'"
+        )
+    for term in TERMS:
+        if config.weights.get(term, 0.0) and not train.has(term):
+            raise QEqInputError(f"the loss weights {term} but no training configuration has a reference {term}")
+
+
+def _setup(params, train, energy, config, validation) -> _Run:
+    """Parametrisation, batches, compiled functions and the fingerprint of a fit."""
+    gauge = train.neutral() if config.chi_gauge == "auto" else bool(config.chi_gauge)
+    distances = pair_reference_distances(train)
+    par = make_parametrisation(params, config.train, train.species_present(), gauge, distances)
+    anchor = par.anchor(params, distances)
+    batcher = Batcher(train, config.batch_size, multiple_of=config.devices, min_size=config.min_bucket)
+    lbfgs = config.optimizer == "lbfgs"
+    steps_per_epoch = 1 if lbfgs else len(plan_batches(train, batcher.batch_size, min_size=config.min_bucket))
+    steps_total = config.epochs * steps_per_epoch
+    fitter = Fitter(energy, par, anchor, config, steps_total)
+    val_eval = []
+    if validation is not None:
+        val_batcher = Batcher(validation, config.batch_size, multiple_of=config.devices, min_size=config.min_bucket)
+        val_eval = [fitter.shard(b) for b in val_batcher.all_batches()]
+    return _Run(
+        params, train, validation, energy, config, par, anchor, batcher, fitter,
+        train_eval=[fitter.shard(b) for b in batcher.all_batches()],
+        val_eval=val_eval,
+        train_stacks=fitter.stacks(batcher.all_batches()) if lbfgs else None,
+        fingerprint=_fingerprint(params, train, validation, config, _model_name(energy)),
+        steps_total=steps_total,
+    )  # fmt: skip
+
+
+def _epoch_steps(run: _Run, state: FitState, after_step: Callable[[float], None]) -> None:
+    """The optimiser steps left in the current epoch: the rest of its shuffled batches (Adam) or
+    one full-batch iteration (L-BFGS); ``after_step(loss)`` after each."""
+    fitter = run.fitter
+    if state.order is None:
+        plans = epoch_plan(run.train, run.batcher.batch_size, run.config.seed, state.epoch, min_size=run.config.min_bucket)
+        state.order = [(p.bucket, p.indices) for p in plans]
+    length = 1 if run.lbfgs else len(state.order)
+    while state.position < length:
+        if run.lbfgs:
+            state.raw, state.opt_state, loss = fitter.lbfgs_step(state.raw, state.opt_state, state.raw0, run.train_stacks)
+        else:
+            batch = fitter.shard(run.batcher.batch(BatchPlan(*state.order[state.position])))
+            state.raw, state.opt_state, loss = fitter.adam_step(state.raw, state.opt_state, state.raw0, batch, state.step)
+        state.step += 1
+        state.position += 1
+        after_step(float(loss))
+
+
+def _end_epoch(run: _Run, state: FitState, started: float) -> dict:
+    """Metrics, early stopping and the history record at the end of an epoch; the state moves to
+    the next epoch. A non-finite loss is an error that says what to change."""
+    config, fitter = run.config, run.fitter
+    record = dict(event="epoch", epoch=state.epoch, step=state.step, lr=fitter.learning_rate(state.step))
+    record["train"] = fitter.metrics(state.raw, run.train_eval)
+    if run.val_eval:
+        record["validation"] = fitter.metrics(state.raw, run.val_eval)
+    current = record["validation" if run.val_eval else "train"]["loss"]
+    if not math.isfinite(current):
+        raise QEqInputError(
+            f"the loss became {current} in epoch {state.epoch}: lower the learning rate, or check the data "
+            "(metrics: " + json.dumps(record["train"]) + ")"
+        )
+    if state.best_loss is None or current < state.best_loss * (1.0 - config.min_delta):
+        state.best_loss, state.best_epoch, state.best_raw, state.bad_epochs = current, state.epoch, state.raw, 0
+    else:
+        state.bad_epochs += 1
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    state.history.append(record)
+    state.epoch += 1
+    state.position = 0
+    state.order = None
+    state.stopped_early = bool(run.val_eval) and config.patience is not None and state.bad_epochs >= config.patience
+    state.done = state.stopped_early or state.epoch >= config.epochs
+    return record
+
+
+def _write_log(run: _Run, state: FitState, log) -> None:
+    """The JSON-lines log from scratch: a start line, then one line per epoch so far."""
+    start = dict(event="start", config=run.config.to_dict(), model=model_label(run.energy), n_train=len(run.train),
+                 n_validation=0 if run.validation is None else len(run.validation), **state.initial)  # fmt: skip
+    write_atomic(log, "\n".join(json.dumps(line) for line in [start, *state.history]) + "\n")
+
+
+def _progress_bar(run: _Run, state: FitState):
+    from tqdm.auto import tqdm  # noqa: PLC0415 - only with progress=True
+
+    return tqdm(total=run.steps_total, initial=state.step, unit="step", desc="fit", dynamic_ncols=True)
+
+
+def _result(run: _Run, state: FitState) -> FitResult:
+    final_raw = state.best_raw if run.val_eval else state.raw
+    offsets = np.asarray(jax.device_get(final_raw["offsets"]))
+    return FitResult(
+        params=fitted_params(run.fitter.params(final_raw), offsets),
+        offsets=offsets_dict(run.params, offsets),
+        history=state.history,
+        best_epoch=state.best_epoch if run.val_eval else state.epoch - 1,
+        steps=state.step,
+        stopped_early=state.stopped_early,
+        initial=state.initial,
+    )
+
+
 def fit(
     params: Params,
     train: Dataset,
@@ -472,201 +682,45 @@ def fit(
     one record per epoch (rewritten from the checkpoint's history on resume). callback: called with
     a dict after every step; raising in it (e.g. :class:`FitInterrupted`) stops the fit.
     """
-    if len(train) == 0:
-        raise QEqInputError("no training configurations")
-    if tuple(train.elements) != tuple(params.elements):
-        raise QEqInputError(
-            f"the training data are indexed by elements {train.elements}, the parameters by {params.elements}"
-        )
-    if validation is not None and len(validation) == 0:
-        validation = None
+    validation = validation if validation is not None and len(validation) else None
     if resume and checkpoint is None:
         raise QEqInputError("resume needs the checkpoint path")
-    needed = [k for k in energy.kernel.required]
-    params.require(needed, train.species_present())
-    if energy.gradient.name == "envelope":
-        raise QEqInputError(
-            "gradient='envelope' gives wrong parameter gradients of a force loss (the charges' response "
-            "is left out); fit with 'unrolled' or 'implicit'"
-        )
-    for term in TERMS:
-        if config.weights.get(term, 0.0) and not train.has(term):
-            raise QEqInputError(f"the loss weights {term} but no training configuration has a reference {term}")
+    _check_inputs(params, train, energy, config, validation)
+    run = _setup(params, train, energy, config, validation)
+    state = FitState.from_checkpoint(run, checkpoint) if resume else FitState.fresh(run)
+    if log is not None:
+        _write_log(run, state, log)
+    bar = _progress_bar(run, state) if progress and not state.done else None
 
-    gauge = train.neutral() if config.chi_gauge == "auto" else bool(config.chi_gauge)
-    distances = pair_reference_distances(train)
-    par = make_parametrisation(params, config.train, train.species_present(), gauge, distances)
-    anchor = par.anchor(params, distances)
-    batcher = Batcher(train, config.batch_size, multiple_of=config.devices, min_size=config.min_bucket)
-    val_batcher = None if validation is None else Batcher(
-        validation, config.batch_size, multiple_of=config.devices, min_size=config.min_bucket
-    )
-    lbfgs = config.optimizer == "lbfgs"
-    steps_per_epoch = 1 if lbfgs else len(plan_batches(train, batcher.batch_size, min_size=config.min_bucket))
-    steps_total = config.epochs * steps_per_epoch
-    fitter = Fitter(energy, par, anchor, config, steps_total)
-    train_eval = [fitter.shard(b) for b in batcher.all_batches()]
-    train_stacks = fitter.stacks(batcher.all_batches()) if lbfgs else None
-    val_eval = [] if val_batcher is None else [fitter.shard(b) for b in val_batcher.all_batches()]
-    fingerprint = _fingerprint(params, train, validation, config, _model_name(energy))
+    def after_step(loss):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=state.epoch, loss=f"{loss:.4g}")
+        if callback is not None:
+            callback(dict(step=state.step, epoch=state.epoch, loss=loss))
+        unfinished = run.lbfgs or state.position < len(state.order)
+        if checkpoint is not None and state.step % config.checkpoint_every == 0 and unfinished:
+            save_checkpoint(checkpoint, state.to_checkpoint(run))
 
-    raw0 = fitter.replicate(_strong(par.raw(anchor, jnp.zeros(len(params.elements), dtype=params.chi.dtype))))
-    if resume:
-        state = load_checkpoint(checkpoint)
-        if state["fingerprint"] != json.loads(json.dumps(fingerprint)):
-            diff = [k for k in fingerprint if json.loads(json.dumps(fingerprint[k])) != state["fingerprint"].get(k)]
-            raise QEqInputError(
-                f"cannot resume from {checkpoint}: it belongs to a different fit (differs in: {', '.join(diff)})"
-            )
-        raw0 = fitter.replicate(_decode_tree(raw0, state["raw0"], "start"))
-        raw = fitter.replicate(_decode_tree(raw0, state["raw"], "parameters"))
-        opt_state = fitter.replicate(_decode_tree(fitter.init(raw), state["opt_state"], "optimiser state"))
-        best_raw = fitter.replicate(_decode_tree(raw0, state["best_raw"], "best parameters"))
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        order = [tuple(p) for p in state["order"]] if state["order"] is not None else None
-        best_loss, best_epoch, bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
-        history, done, stopped_early = state["history"], state["done"], state["stopped_early"]
-        initial = state["initial"]
-    else:
-        offsets0 = _initial_offsets(fitter, raw0, batcher) if train.has("energy") else np.zeros(len(params.elements))
-        raw0 = fitter.replicate(_strong(par.raw(anchor, jnp.asarray(offsets0, dtype=params.chi.dtype))))
-        raw = raw0
-        opt_state = fitter.replicate(fitter.init(raw))
-        best_raw = raw
-        step = epoch = position = 0
-        order = None
-        best_loss, best_epoch, bad_epochs = None, -1, 0
-        history, done, stopped_early = [], False, False
-        initial = {"train": fitter.metrics(raw0, train_eval)}
-        if val_eval:
-            initial["validation"] = fitter.metrics(raw0, val_eval)
-
-    def snapshot():
-        return dict(
-            format=CHECKPOINT_FORMAT,
-            version=CHECKPOINT_VERSION,
-            fingerprint=fingerprint,
-            step=step,
-            epoch=epoch,
-            position=position,
-            order=None if order is None else [[int(p[0]), [int(i) for i in p[1]]] for p in order],
-            raw0=_encode_tree(raw0),
-            raw=_encode_tree(raw),
-            opt_state=_encode_tree(opt_state),
-            best_raw=_encode_tree(best_raw),
-            best_loss=best_loss,
-            best_epoch=best_epoch,
-            bad_epochs=bad_epochs,
-            history=history,
-            done=done,
-            stopped_early=stopped_early,
-            initial=initial,
-            final=dict(
-                params=fitted_params(fitter.params(best_raw), jax.device_get(best_raw["offsets"])).to_dict(),
-                offsets=offsets_dict(params, best_raw["offsets"]),
-            ),
-        )
-
-    def write_log():
-        if log is not None:
-            lines = [json.dumps(dict(event="start", config=config.to_dict(), model=model_label(energy),
-                                     n_train=len(train), n_validation=0 if validation is None else len(validation),
-                                     **initial))]
-            lines += [json.dumps(h) for h in history]
-            write_atomic(log, "\n".join(lines) + "\n")
-
-    write_log()
-    bar = None
-    if progress and not done:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps_total, initial=step, unit="step", desc="fit", dynamic_ncols=True)
     t_epoch = time.perf_counter()
     try:
-        while not done and epoch < config.epochs:
-            if order is None:
-                plans = epoch_plan(train, batcher.batch_size, config.seed, epoch, min_size=config.min_bucket)
-                order = [(p.bucket, p.indices) for p in plans]
-            if lbfgs:
-                if position == 0:
-                    raw, opt_state, loss = fitter.lbfgs_step(raw, opt_state, raw0, train_stacks)
-                    step += 1
-                    position = 1
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{float(loss):.4g}")
-                    if callback is not None:
-                        callback(dict(step=step, epoch=epoch, loss=float(loss)))
-                    if checkpoint is not None and step % config.checkpoint_every == 0:
-                        save_checkpoint(checkpoint, snapshot())
-            else:
-                while position < len(order):
-                    batch = fitter.shard(batcher.batch(BatchPlan(*order[position])))
-                    raw, opt_state, loss = fitter.adam_step(raw, opt_state, raw0, batch, step)
-                    step += 1
-                    position += 1
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4g}")
-                    if callback is not None:
-                        callback(dict(step=step, epoch=epoch, loss=float(loss)))
-                    if checkpoint is not None and step % config.checkpoint_every == 0 and position < len(order):
-                        save_checkpoint(checkpoint, snapshot())
-            # end of epoch: metrics, early stopping, log, checkpoint
-            record = dict(event="epoch", epoch=epoch, step=step, lr=fitter.learning_rate(step))
-            record["train"] = fitter.metrics(raw, train_eval)
-            if val_eval:
-                record["validation"] = fitter.metrics(raw, val_eval)
-                current = record["validation"]["loss"]
-            else:
-                current = record["train"]["loss"]
-            if not math.isfinite(current):
-                raise QEqInputError(
-                    f"the loss became {current} in epoch {epoch}: lower the learning rate, or check the data "
-                    "(metrics: " + json.dumps(record["train"]) + ")"
-                )
-            if best_loss is None or current < best_loss * (1.0 - config.min_delta):
-                best_loss, best_epoch, best_raw, bad_epochs = current, epoch, raw, 0
-            else:
-                bad_epochs += 1
-            now = time.perf_counter()
-            record["seconds"] = round(now - t_epoch, 3)
-            t_epoch = now
-            history.append(record)
+        while not state.done and state.epoch < config.epochs:
+            _epoch_steps(run, state, after_step)
+            record = _end_epoch(run, state, t_epoch)
+            t_epoch = time.perf_counter()
+            if bar is not None:
+                v = record.get("validation", {})
+                bar.set_postfix(epoch=record["epoch"], F_rmse=f"{record['train']['force_rmse'] or 0:.3g}",
+                                val=f"{v.get('force_rmse') or 0:.3g}" if v else "-")
             if log is not None:
                 with open(log, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
-            epoch += 1
-            position = 0
-            order = None
-            if val_eval and config.patience is not None and bad_epochs >= config.patience:
-                stopped_early = True
-                done = True
-            if epoch >= config.epochs:
-                done = True
-            if bar is not None:
-                t = record["train"]
-                v = record.get("validation", {})
-                bar.set_postfix(epoch=epoch - 1, F_rmse=f"{t['force_rmse'] or 0:.3g}",
-                                val=f"{v.get('force_rmse') or 0:.3g}" if v else "-")
             if checkpoint is not None:
-                save_checkpoint(checkpoint, snapshot())
+                save_checkpoint(checkpoint, state.to_checkpoint(run))
     finally:
         if bar is not None:
             bar.close()
-
-    final_raw = best_raw if val_eval else raw
-    fitted = fitter.params(final_raw)
-    offsets = np.asarray(jax.device_get(final_raw["offsets"]))
-    return FitResult(
-        params=fitted_params(fitted, offsets),
-        offsets=offsets_dict(params, offsets),
-        history=history,
-        best_epoch=best_epoch if val_eval else epoch - 1,
-        steps=step,
-        stopped_early=stopped_early,
-        initial=initial,
-    )
+    return _result(run, state)
 
 
 def fit_offsets(params: Params, dataset: Dataset, energy: Callable, batch_size: int = 16) -> dict:

@@ -170,100 +170,100 @@ def read_lammps_qeq(
     style = _check_style(style)
     symbols = _check_type_map(type_elements)
     path = Path(path)
-    ncol = STYLE_COLUMNS[style]
     try:
         text = path.read_text()
     except OSError as exc:
         raise QEqInputError(f"cannot read LAMMPS qeq/{style} parameter file {path}: {exc}") from exc
+    rows = _read_rows(path, text, style, symbols)
+    per_element = _per_element(path, rows, symbols)
+    data = base.to_dict() if base is not None else {"elements": {}}
+    data["name"] = name if name is not None else (base.name if base is not None else path.stem)
+    for s, (_, values) in per_element.items():
+        data["elements"][s] = _element_entry(data["elements"].get(s, {}), values, STYLE_COLUMNS[style])
+    try:
+        params = Params.from_dict(data)
+    except QEqInputError as exc:
+        raise QEqInputError(f"{path}: {exc}") from exc
+    try:
+        params.require(STYLE_KEYS[style], params.species_indices(list(per_element)))
+    except QEqInputError as exc:
+        hint = " (fix qeq/slater needs a non-zero zeta and n from the base parameters)" if style == "slater" else ""
+        raise QEqInputError(f"{path}: {exc}{hint}") from exc
+    return params
 
+
+def _read_row(path, lineno, line, style, symbols):
+    """``(type, values)`` of one non-empty line of a ``fix qeq/<style>`` file, checked."""
+    ncol = STYLE_COLUMNS[style]
+    words = line.split()
+    if len(words) != ncol:
+        raise QEqInputError(
+            f"{path}, line {lineno}: expected {ncol} columns '{_HEADERS[ncol]}' for fix qeq/{style}, got {len(words)}: '{line}'"
+        )
+    try:
+        itype = int(words[0])
+    except ValueError:
+        raise QEqInputError(f"{path}, line {lineno}: the first column must be an integer LAMMPS type, got '{words[0]}'") from None
+    try:
+        values = [float(w) for w in words[1:]]
+    except ValueError:
+        raise QEqInputError(f"{path}, line {lineno}: non-numeric value in '{line}'") from None
+    if not all(math.isfinite(v) for v in values):
+        raise QEqInputError(f"{path}, line {lineno}: non-finite value in '{line}'")
+    if not 1 <= itype <= len(symbols):
+        raise QEqInputError(
+            f"{path}, line {lineno}: LAMMPS type {itype} is not in the type map (types 1..{len(symbols)}: {', '.join(symbols)})"
+        )
+    if ncol == 6 and values[4] != 0.0:
+        raise QEqInputError(
+            f"{path}, line {lineno}: type {itype} ({symbols[itype - 1]}) has qcore = {values[4]}; "
+            f"qeq-unroll has no core charges, only qcore = 0 is supported"
+        )
+    return itype, values
+
+
+def _read_rows(path, text, style, symbols) -> dict:
+    """``{type: (line number, values)}``: one line for every type of the map, no type twice."""
     rows: dict[int, tuple[int, list[float]]] = {}
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        words = line.split()
-        if len(words) != ncol:
-            raise QEqInputError(
-                f"{path}, line {lineno}: expected {ncol} columns '{_HEADERS[ncol]}' for fix "
-                f"qeq/{style}, got {len(words)}: '{line}'"
-            )
-        try:
-            itype = int(words[0])
-        except ValueError:
-            raise QEqInputError(
-                f"{path}, line {lineno}: the first column must be an integer LAMMPS type, got '{words[0]}'"
-            ) from None
-        try:
-            values = [float(w) for w in words[1:]]
-        except ValueError:
-            raise QEqInputError(f"{path}, line {lineno}: non-numeric value in '{line}'") from None
-        if not all(math.isfinite(v) for v in values):
-            raise QEqInputError(f"{path}, line {lineno}: non-finite value in '{line}'")
-        if not 1 <= itype <= len(symbols):
-            raise QEqInputError(
-                f"{path}, line {lineno}: LAMMPS type {itype} is not in the type map "
-                f"(types 1..{len(symbols)}: {', '.join(symbols)})"
-            )
+        itype, values = _read_row(path, lineno, line, style, symbols)
         if itype in rows:
-            raise QEqInputError(
-                f"{path}, line {lineno}: LAMMPS type {itype} appears twice (first on line {rows[itype][0]})"
-            )
-        if ncol == 6 and values[4] != 0.0:
-            raise QEqInputError(
-                f"{path}, line {lineno}: type {itype} ({symbols[itype - 1]}) has qcore = {values[4]}; "
-                f"qeq-unroll has no core charges, only qcore = 0 is supported"
-            )
+            raise QEqInputError(f"{path}, line {lineno}: LAMMPS type {itype} appears twice (first on line {rows[itype][0]})")
         rows[itype] = (lineno, values)
-
     missing = [t for t in range(1, len(symbols) + 1) if t not in rows]
     if missing:
-        raise QEqInputError(
-            f"{path}: no line for LAMMPS type(s) "
-            + ", ".join(f"{t} ({symbols[t - 1]})" for t in missing)
-        )
+        raise QEqInputError(f"{path}: no line for LAMMPS type(s) " + ", ".join(f"{t} ({symbols[t - 1]})" for t in missing))
+    return rows
 
-    # one entry per element; types sharing an element must agree
+
+def _per_element(path, rows, symbols) -> dict:
+    """``{element: (line number, values)}``; types sharing an element must agree."""
     per_element: dict[str, tuple[int, list[float]]] = {}
     for t in range(1, len(symbols) + 1):
         s = symbols[t - 1]
         lineno, values = rows[t]
         if s in per_element and per_element[s][1] != values:
             raise QEqInputError(
-                f"{path}, line {lineno}: type {t} and line {per_element[s][0]} both map to element "
-                f"{s} but give different parameters"
+                f"{path}, line {lineno}: type {t} and line {per_element[s][0]} both map to element {s} but give different parameters"
             )
         per_element.setdefault(s, (lineno, values))
+    return per_element
 
-    if base is not None:
-        data = base.to_dict()
-    else:
-        data = {"elements": {}}
-    data["name"] = name if name is not None else (base.name if base is not None else path.stem)
-    elements = data["elements"]
-    for s, (lineno, values) in per_element.items():
-        entry = dict(elements.get(s, {}))
-        entry["chi"], entry["hardness"] = values[0], values[1]
-        if values[2] != 0.0:
-            entry["gamma"] = values[2]
-        if ncol == 6 and values[3] != 0.0:
-            n = int(entry.get("n", 0))
-            if 1 <= n <= 7:
-                entry["radius"] = radius_from_zeta(values[3], n)
-            else:
-                entry.pop("radius", None)  # a zeta without n: the radius is unknown
-        elements[s] = entry
 
-    try:
-        params = Params.from_dict(data)
-    except QEqInputError as exc:
-        raise QEqInputError(f"{path}: {exc}") from exc
-    used = params.species_indices(list(per_element))
-    try:
-        params.require(STYLE_KEYS[style], used)
-    except QEqInputError as exc:
-        if style == "slater":
-            raise QEqInputError(
-                f"{path}: {exc} (fix qeq/slater needs a non-zero zeta and n from the base parameters)"
-            ) from exc
-        raise QEqInputError(f"{path}: {exc}") from exc
-    return params
+def _element_entry(entry, values, ncol) -> dict:
+    """An element's JSON entry with the file's chi, hardness and (when non-zero) gamma and the
+    radius from zeta (which needs the element's n)."""
+    entry = dict(entry)
+    entry["chi"], entry["hardness"] = values[0], values[1]
+    if values[2] != 0.0:
+        entry["gamma"] = values[2]
+    if ncol == 6 and values[3] != 0.0:
+        n = int(entry.get("n", 0))
+        if 1 <= n <= 7:
+            entry["radius"] = radius_from_zeta(values[3], n)
+        else:
+            entry.pop("radius", None)  # a zeta without n: the radius is unknown
+    return entry

@@ -323,6 +323,17 @@ def learned_solver(lp: LearnedSolverParams, tol=0.0):
     return NAG(steps=jax.nn.sigmoid(lp.steps), momenta=jax.nn.sigmoid(lp.momenta), **common)
 
 
+def solver_from_file(solver_params, iterations=None, tol=0.0):
+    """The solver of a solver file (path) or ``LearnedSolverParams``; it runs the K it was
+    trained for (``iterations`` must be None or equal to it)."""
+    if solver_params is None:
+        raise QEqInputError("solver 'learned' needs solver_params: a solver file from 'qeq-unroll train-solver'")
+    lp = solver_params if isinstance(solver_params, LearnedSolverParams) else load_learned(solver_params)
+    if iterations is not None and int(iterations) != lp.iterations:
+        raise QEqInputError(f"solver file was trained for K = {lp.iterations} iterations, not {iterations}")
+    return learned_solver(lp, tol=tol)
+
+
 def save_learned(lp: LearnedSolverParams, path) -> None:
     """Write a solver file (JSON, atomically)."""
     write_atomic(path, json.dumps(lp.to_dict()) + "\n")

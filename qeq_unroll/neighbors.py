@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks
+from . import checks, pme
 from .errors import QEqInputError
 from .periodic import frame, heights, image_range, image_shifts
 
@@ -373,8 +373,6 @@ def build(kernel, system, params=None, layout="auto", skin=DEFAULT_SKIN, capacit
     (``checks``). Errors name the problem: a periodic cell with a kernel that has no cutoff and
     no Ewald sum, a charged periodic cell with a kernel that has no background term, an
     unreachable Ewald accuracy."""
-    from . import pme  # noqa: PLC0415
-
     limits = checks.Limits() if limits is None else limits
     if layout not in ("auto", "images", "list", "dense"):
         raise QEqInputError(f"unknown neighbour layout '{layout}' (valid: auto, images, list, dense)")

@@ -52,6 +52,7 @@ import numpy as np
 from . import ewald
 from .constraints import project
 from .errors import QEqInputError
+from .hardness import add_operator
 from .periodic import heights, volume
 
 #: Default B-spline order of the charge assignment.
@@ -91,6 +92,15 @@ class Mesh:
     real_cutoff: float = 0.0
     accuracy: float = ewald.DEFAULT_ACCURACY
     coarse_shape: tuple | None = None
+
+    def add_to(self, hardness, positions, cell, mask, coulomb_constant):
+        """``hardness`` plus the reciprocal part of H as a matrix-free operator (:func:`operator`)."""
+        return add_operator(hardness, operator(positions, cell, self, mask, coulomb_constant))
+
+    def energy(self, charges, positions, cell, coulomb_constant):
+        """Reciprocal-space energy (eV) of fixed charges (e) on the mesh."""
+        mask = jnp.ones(positions.shape[0], bool)
+        return 0.5 * charges @ operator(positions, cell, self, mask, coulomb_constant).matvec(charges)
 
 
 jax.tree_util.register_dataclass(
@@ -222,6 +232,11 @@ class MeshOperator:
     self_value: jax.Array
     coarse: object = None
     shape: tuple = (1, 1, 1)
+
+    @property
+    def preconditioner(self):
+        """The preconditioner of a hardness with this term (the iterative solvers' default)."""
+        return MeshPreconditioner()
 
     def spread(self, q):
         """W q: the charges (e) on the mesh (K_a, K_b, K_c)."""

@@ -11,8 +11,9 @@ fragment sum fixed, so Σq = Q holds to rounding after any number of iterations.
 - ``gd``: preconditioned projected steepest descent with exact line search.
 - ``nag``: Nesterov's accelerated projected gradient, step 1/L with L from a short power iteration.
 
-The default preconditioner is Jacobi, and with a particle-mesh Ewald term in H the long-wavelength
-mesh preconditioner ``pme.MeshPreconditioner`` (Jacobi plus a mesh correction that keeps the
+The default preconditioner, :class:`OperatorPreconditioner`, is Jacobi, or the one that the
+matrix-free term of H brings with it (``Hardness.operator.preconditioner``: for particle-mesh
+Ewald the long-wavelength mesh preconditioner ``pme.MeshPreconditioner``, which keeps the
 iterations about constant as the cell grows).
 
 ``iterations=K`` runs exactly K iterations (stopping early only once the residual is at ``tol``);
@@ -34,7 +35,6 @@ from jax import lax
 from .constraints import diagonal_start, feasible, indicator, project
 from .errors import QEqInputError
 from .hardness import Hardness
-from .pme import MeshPreconditioner
 
 
 class Problem(NamedTuple):
@@ -110,6 +110,25 @@ class Jacobi:
 
 
 @dataclasses.dataclass(frozen=True)
+class OperatorPreconditioner:
+    """Jacobi, or the preconditioner of the matrix-free term of H when it has one
+    (``Hardness.operator.preconditioner``); the choice follows the structure of H, so it is static
+    under jit."""
+
+    needs_distances = False
+
+    def choice(self, problem):
+        operator = problem.hardness.operator
+        return Jacobi() if operator is None else operator.preconditioner
+
+    def setup(self, problem):
+        return self.choice(problem).setup(problem)
+
+    def apply(self, pre, residual, problem):
+        return self.choice(problem).apply(pre, residual, problem)
+
+
+@dataclasses.dataclass(frozen=True)
 class DiagonalStart:
     """Start from the minimiser of the diagonal model (see ``constraints.diagonal_start``)."""
 
@@ -141,13 +160,14 @@ def min_tol(dtype) -> float:
 class _Iterative:
     """Shared driver: K fixed iterations or iterate-to-tol, as a ``lax.scan`` whose steps freeze
     (``lax.cond``) once the residual reaches ``tol``. ``preconditioner`` and ``start`` are
-    strategies (by default ``pme.MeshPreconditioner``, which is Jacobi unless H has a PME term, and
-    the diagonal-model start; learned ones in ``learned``)."""
+    strategies (by default :class:`OperatorPreconditioner`, which is Jacobi unless H has a
+    matrix-free term with its own preconditioner, and the diagonal-model start; learned ones in
+    ``learned``)."""
 
     iterations: int | None = None
     tol: float = 1e-10
     max_iterations: int = 1000
-    preconditioner: object = MeshPreconditioner()
+    preconditioner: object = OperatorPreconditioner()
     start: object = DiagonalStart()
 
     def __post_init__(self):
@@ -389,26 +409,18 @@ class Exact:
         return q, Diagnostics(res, one, pd & jnp.isfinite(res), pd)
 
 
-SOLVERS = {"exact": Exact, "cg": CG, "gd": GD, "nag": NAG, "learned": None}
+SOLVERS = {"exact": Exact, "cg": CG, "gd": GD, "nag": NAG}
 
 
-def get_solver(name, iterations=None, tol=1e-10, max_iterations=1000, solver_params=None):
-    """A solver by name (a solver object is returned as is). ``"learned"`` needs
-    ``solver_params``: a solver file path or ``learned.LearnedSolverParams``; it runs the K it was
-    trained for (``iterations`` must be None or equal to it)."""
+def get_solver(name, iterations=None, tol=1e-10, max_iterations=1000):
+    """A solver by name (a solver object is returned as is). A learned solver comes from its
+    file: ``learned.solver_from_file``."""
     if not isinstance(name, str):
         return name
-    if name not in SOLVERS:
-        raise QEqInputError(f"unknown solver '{name}' (valid: {', '.join(SOLVERS)})")
     if name == "learned":
-        from .learned import LearnedSolverParams, learned_solver, load_learned
-
-        if solver_params is None:
-            raise QEqInputError("solver 'learned' needs solver_params: a solver file from 'qeq-unroll train-solver'")
-        lp = solver_params if isinstance(solver_params, LearnedSolverParams) else load_learned(solver_params)
-        if iterations is not None and int(iterations) != lp.iterations:
-            raise QEqInputError(f"solver file was trained for K = {lp.iterations} iterations, not {iterations}")
-        return learned_solver(lp, tol=tol)
+        raise QEqInputError("solver 'learned' is built from a solver file: qeq_unroll.learned.solver_from_file(path)")
+    if name not in SOLVERS:
+        raise QEqInputError(f"unknown solver '{name}' (valid: {', '.join(SOLVERS)}, learned)")
     if name == "exact":
         return Exact(tol=tol)
     return SOLVERS[name](iterations=iterations, tol=tol, max_iterations=max_iterations)

@@ -21,6 +21,7 @@ from qeq_unroll.learned import (
     learned_solver,
     load_learned,
     save_learned,
+    solver_from_file,
 )
 from qeq_unroll.solver_training import solve_errors, train_solver
 from tests.test_core import max_fd_error
@@ -178,8 +179,10 @@ def test_solver_file_round_trip_and_mismatches(tmp_path, trained):
     with pytest.raises(QEqInputError, match="elements"):
         check_compatible(again, "gaussian", ("Na", "Cl"))
     with pytest.raises(QEqInputError, match="K = 4 iterations, not 6"):
-        qu.get_solver("learned", iterations=6, solver_params=str(path))
+        solver_from_file(str(path), iterations=6)
     with pytest.raises(QEqInputError, match="needs solver_params"):
+        solver_from_file(None)
+    with pytest.raises(QEqInputError, match="built from a solver file"):
         qu.get_solver("learned")
     with pytest.raises(QEqInputError, match="unknown learned solver family"):
         init_learned("adam", 4, "gaussian", PARAMS.elements)
