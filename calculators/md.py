@@ -26,6 +26,8 @@ from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 
+from qeq_unroll import md
+
 
 def relax(atoms, calc, fmax: float = 0.01, steps: int = 1000, trajectory=None, logfile=None):
     """A relaxed copy of ``atoms`` (BFGS until the largest force is below ``fmax`` eV/Å, at most
@@ -97,10 +99,8 @@ class Drift(NamedTuple):
 def drift_stats(etot, n_atoms: int, dt_fs: float = 1.0) -> Drift:
     """Energy-conservation measures of a total-energy series (eV, one value per step of ``dt_fs``)."""
     etot = np.asarray(etot, dtype=float)
-    per_atom = (etot - etot[0]) * 1000.0 / n_atoms  # meV/atom
-    t_ps = np.arange(len(etot)) * dt_fs / 1000.0
-    slope = float(np.polyfit(t_ps, per_atom, 1)[0]) if len(etot) > 1 else 0.0
-    return Drift(float(np.max(np.abs(per_atom))), slope, float(np.std(per_atom)))
+    slope, worst = md.drift(np.arange(len(etot)) * dt_fs / 1000.0, etot, n_atoms)
+    return Drift(worst, slope, float(np.std(etot * 1000.0 / n_atoms)))
 
 
 def max_extent(atoms) -> float:

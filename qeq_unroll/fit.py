@@ -350,17 +350,19 @@ def _strong(tree):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), tree)
 
 
-def _initial_offsets(fitter: Fitter, raw, batcher: Batcher) -> np.ndarray:
-    e_model, e_ref, counts, n = [], [], [], []
-    for plan in plan_batches(batcher.dataset, batcher.batch_size, min_size=batcher.min_size):
-        batch = batcher.batch(plan)
-        energies = jax.device_get(fitter.sums(raw, fitter.shard(batch))[1])
+def _offsets(batches, model_energies) -> np.ndarray:
+    """Per-element energy offsets (eV) that best align ``model_energies(batch)`` (B,) eV with the
+    reference energies of ``batches`` (least squares per atom, ``loss.least_squares_offsets``)."""
+    columns = ([], [], [], [])
+    for batch in batches:
         keep = np.asarray(batch.weight > 0) & np.asarray(batch.has_energy > 0)
-        e_model.append(np.asarray(energies)[keep])
-        e_ref.append(np.asarray(batch.energy)[keep])
-        counts.append(np.asarray(batch.counts)[keep])
-        n.append(np.asarray(batch.n_atoms)[keep])
-    return least_squares_offsets(np.concatenate(e_model), np.concatenate(e_ref), np.concatenate(counts), np.concatenate(n))
+        for column, x in zip(columns, (model_energies(batch), batch.energy, batch.counts, batch.n_atoms)):
+            column.append(np.asarray(x)[keep])
+    return least_squares_offsets(*(np.concatenate(c) for c in columns))
+
+
+def _initial_offsets(fitter: Fitter, raw, batcher: Batcher) -> np.ndarray:
+    return _offsets(batcher.all_batches(), lambda b: jax.device_get(fitter.sums(raw, fitter.shard(b))[1]))
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -726,16 +728,9 @@ def fit(
 def fit_offsets(params: Params, dataset: Dataset, energy: Callable, batch_size: int = 16) -> dict:
     """Per-element energy offsets (eV, ``{element: b}``) that best align the model energies of
     ``params`` with the reference energies of ``dataset`` (least squares per atom)."""
-    n_el = len(params.elements)
-    zero = jnp.zeros(n_el, params.chi.dtype)
-    e_model, e_ref, counts, n = [], [], [], []
-    for b in Batcher(dataset, batch_size).all_batches():
-        keep = np.asarray(b.weight > 0) & np.asarray(b.has_energy > 0)
-        e_model.append(np.asarray(_param_sums(energy, params, zero, b)[1])[keep])
-        e_ref.append(np.asarray(b.energy)[keep])
-        counts.append(np.asarray(b.counts)[keep])
-        n.append(np.asarray(b.n_atoms)[keep])
-    return offsets_dict(params, least_squares_offsets(*(np.concatenate(x) for x in (e_model, e_ref, counts, n))))
+    zero = jnp.zeros(len(params.elements), params.chi.dtype)
+    batches = Batcher(dataset, batch_size).all_batches()
+    return offsets_dict(params, _offsets(batches, lambda b: _param_sums(energy, params, zero, b)[1]))
 
 
 def evaluate(params: Params, dataset: Dataset, energy: Callable, offsets=None, batch_size: int = 16) -> dict:

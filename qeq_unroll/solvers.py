@@ -227,29 +227,12 @@ class _Iterative:
         (state, res, used, pd), _ = lax.scan(body, carry0, jnp.arange(length))
         return state[0], Diagnostics(res, used, res <= self.tol, pd)
 
-    def _iterations_needed(self, problem):
-        """How many iterations reach ``tol`` (at most ``max_iterations``): a forward-only
-        ``while_loop`` on a non-differentiated copy of the problem."""
-        problem = jax.tree_util.tree_map(lax.stop_gradient, problem)
-        threshold = self._threshold(problem.chi.dtype)
-        pre = self.preconditioner.setup(problem)
-        state, res0 = self.init(problem, pre)
-
-        def cond(carry):
-            _, res, k = carry
-            return (k < self.max_iterations) & (res > threshold)
-
-        def body(carry):
-            state, _, k = carry
-            state, res, _ = self.step(problem, pre, state, k)
-            return state, res, k + 1
-
-        return lax.while_loop(cond, body, (state, res0, jnp.asarray(0, jnp.int32)))[2]
-
     def run_forward(self, problem):
         """``run`` for callers that never differentiate through the iterations (the implicit and
         envelope gradient modes): the same iterations in one ``lax.while_loop`` that stops at
-        ``tol`` or after ``iterations`` (``max_iterations``), with no second, differentiable pass."""
+        ``tol`` or after ``iterations`` (``max_iterations``), with no second, differentiable pass.
+        Run to a tolerance on a non-differentiated copy of the problem, it also counts the
+        iterations that ``run`` needs."""
         threshold = self._threshold(problem.chi.dtype)
         pre = self.preconditioner.setup(problem)
         state, res0 = self.init(problem, pre)
@@ -275,7 +258,7 @@ class _Iterative:
         if self.iterations is not None:
             return self._scan(problem, int(self.iterations))
         lengths = [n for n in (2**j for j in range(3, 20)) if n < self.max_iterations] + [self.max_iterations]
-        needed = self._iterations_needed(problem)
+        needed = self.run_forward(jax.tree_util.tree_map(lax.stop_gradient, problem))[1].iterations
         index = jnp.searchsorted(jnp.asarray(lengths), needed + 2)
         branches = [functools.partial(self._scan, length=n) for n in lengths]
         return lax.switch(jnp.minimum(index, len(lengths) - 1), branches, problem)
