@@ -210,7 +210,8 @@ class QEqCalculator(Calculator):
                 break
             self._neighbors = None  # overflowed or stale: reallocate and evaluate again
         else:
-            raise QEqInputError("the neighbour list kept overflowing after reallocation")
+            why = "; ".join(qeq_unroll.neighbors.reasons(neighbors.error))
+            raise QEqInputError(f"the neighbour list kept overflowing after reallocation: {why}")
         self._neighbors = neighbors
         self._check(atoms, system, aux, neighbors)
         self._store(atoms, energy, forces, aux)

@@ -47,6 +47,7 @@ from jax import lax
 
 from .checks import Limits
 from .errors import QEqError, QEqInputError
+from .neighbors import reasons
 
 #: One femtosecond in the unit of time Å·√(amu/eV).
 FS = 1e-5 * math.sqrt(1.602176634e-19 / 1.66053906660e-27)
@@ -349,15 +350,17 @@ def _blow_up(settings, rec, e0, n, bound):
 def _allocate(nfn, positions, multiplier, settings, step):
     """A neighbour list that fits ``positions``, growing the capacity factor by 1.5× while it
     overflows; ``(neighbors, multiplier)``. MDError past ``max_capacity_multiplier``."""
+    error = 0
     while multiplier <= settings.max_capacity_multiplier * (1 + 1e-12):
         nbrs = nfn.allocate(positions, multiplier)
         if not bool(nbrs.did_buffer_overflow):
             return nbrs, multiplier
+        error = int(nbrs.error)
         multiplier *= 1.5
     raise MDError(
-        f"the neighbour list overflowed at step {step} and cannot be made to fit: its capacity factor would "
-        f"exceed max_capacity_multiplier = {settings.max_capacity_multiplier} (atoms crowd far beyond the "
-        "density they had when the list was allocated); raise the limit or check the structure"
+        f"the neighbour list overflowed at step {step} and cannot be made to fit: {'; '.join(reasons(error))}. Its "
+        f"capacity factor would exceed max_capacity_multiplier = {settings.max_capacity_multiplier} (atoms crowd "
+        "far beyond the density they had when the list was allocated); raise the limit or check the structure"
     )
 
 

@@ -18,7 +18,7 @@ Two layouts, both pytrees that an energy function takes as its ``neighbors`` arg
 A list is *allocated* on the host (:func:`neighbor_list`) and *updated* inside ``jax.jit``
 (:func:`update_neighbors`): the update rebuilds it at its fixed capacity when needed and raises
 ``overflow`` when that capacity was too small, the cell changed, or an atom left the vacuum slab of
-a non-periodic direction. An overflowed list is never used silently: the energy reports it
+a non-periodic direction (``error`` says which, :func:`reasons` in words). An overflowed list is never used silently: the energy reports it
 (``aux["neighbors_overflow"]``) and the caller reallocates (see ``calculators.qeq``).
 
 Distances are in Å; ``cutoff`` is the largest pair distance that must be found, ``skin`` the margin.
@@ -41,6 +41,19 @@ from .periodic import frame, heights, image_range, image_shifts
 DEFAULT_SKIN = 1.0
 #: Atoms per batch of the neighbour search (its scratch memory is this many atoms' candidates).
 SEARCH_BATCH = 1024
+#: Why a neighbour list cannot be trusted: bits of ``NeighborList.error``.
+CAPACITY, CELL_LIST, CELL_CHANGED, LEFT_SLAB = 1, 2, 4, 8
+REASONS = {
+    CAPACITY: "an atom has more neighbours within cutoff + skin than the list has slots (atoms crowded together)",
+    CELL_LIST: "a cell of the cell list holds more atoms than it has room for (atoms crowded together)",
+    CELL_CHANGED: "the cell changed since the list was built (a new cell needs a new list)",
+    LEFT_SLAB: "an atom left the vacuum slab of a non-periodic direction (it moved too far)",
+}
+
+
+def reasons(error) -> list[str]:
+    """The causes named by an ``error`` code (host)."""
+    return [text for bit, text in REASONS.items() if int(error) & bit]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +65,13 @@ class ImageList:
     cutoff: float = 0.0
 
     @property
+    def error(self) -> jax.Array:
+        """An image list is exact for its cell: never in error."""
+        return jnp.asarray(0, jnp.int32)
+
+    @property
     def overflow(self) -> jax.Array:
-        """An image list is exact for its cell: never overflowed."""
-        return jnp.asarray(False)
+        return self.error != 0
 
 
 jax.tree_util.register_dataclass(ImageList, data_fields=["shifts"], meta_fields=["cutoff"])
@@ -87,9 +104,10 @@ class NeighborList:
     a side (every atom is then a candidate). ``search`` (3, 3) Å (rows), ``to_fractional`` its
     inverse, ``origin`` (3,) Å: the search frame; ``replicas`` (R, 3) integer replica offsets;
     ``reference_cell``: the cell at allocation; ``slab_limit`` (3,): largest fractional
-    coordinate allowed along non-periodic directions; ``overflow``: True when the list cannot be
-    trusted. Static: ``cutoff``, ``skin`` (Å), ``replicate`` (R_a, R_b, R_c), ``n_atoms``,
-    ``grid`` (cells a side of the cell list, 0 without one)."""
+    coordinate allowed along non-periodic directions; ``error``: why the list cannot be
+    trusted, bits of :data:`REASONS` (0: it can; ``overflow`` is ``error != 0``). Static:
+    ``cutoff``, ``skin`` (Å), ``replicate`` (R_a, R_b, R_c), ``n_atoms``, ``grid`` (cells a side
+    of the cell list, 0 without one)."""
 
     partner: jax.Array
     shifts: jax.Array
@@ -100,7 +118,7 @@ class NeighborList:
     origin: jax.Array
     replicas: jax.Array
     reference_cell: jax.Array
-    overflow: jax.Array
+    error: jax.Array
     slab_limit: jax.Array
     cutoff: float = 0.0
     skin: float = DEFAULT_SKIN
@@ -112,6 +130,11 @@ class NeighborList:
     def capacity(self) -> int:
         """Neighbour slots per atom (M)."""
         return self.partner.shape[0]
+
+    @property
+    def overflow(self) -> jax.Array:
+        """True when the list cannot be trusted (see ``error`` for why)."""
+        return self.error != 0
 
     @property
     def self_images(self) -> bool:
@@ -127,7 +150,7 @@ jax.tree_util.register_dataclass(
     NeighborList,
     data_fields=[
         "partner", "shifts", "reference_positions", "cells", "search", "to_fractional", "origin",
-        "replicas", "reference_cell", "overflow", "slab_limit",
+        "replicas", "reference_cell", "error", "slab_limit",
     ],
     meta_fields=["cutoff", "skin", "replicate", "n_atoms", "grid"],
 )  # fmt: skip
@@ -248,7 +271,7 @@ def neighbor_list(system, cutoff, skin=DEFAULT_SKIN, capacity_multiplier=1.25) -
         origin=jnp.asarray(origin, dtype=dtype),
         replicas=jnp.asarray(grid, dtype=dtype),
         reference_cell=system.cell if system.periodic else jnp.eye(3, dtype=dtype),
-        overflow=jnp.asarray(False),
+        error=jnp.asarray(0, jnp.int32),
         slab_limit=jnp.asarray(slab_limit, dtype=dtype),
         cutoff=cutoff,
         skin=float(skin),
@@ -266,8 +289,15 @@ def neighbor_list(system, cutoff, skin=DEFAULT_SKIN, capacity_multiplier=1.25) -
     capacity = max(1, min(width, int(int(jnp.max(count)) * capacity_multiplier)))
     idx, count = jax.jit(_search, static_argnums=3)(nbrs, frac, nbrs.cells, capacity)
     nbrs = jax.jit(_derive)(nbrs, system, idx)
-    lost = jnp.any(count > capacity) | (False if nbrs.cells is None else nbrs.cells.did_buffer_overflow)
-    return dataclasses.replace(nbrs, overflow=lost | _flags(nbrs, system))
+    return dataclasses.replace(nbrs, error=_lost(count, capacity, nbrs.cells) | _flags(nbrs, system))
+
+
+def _lost(count, capacity, cells):
+    """The error bits of a search: more partners than slots, a cell list that overflowed."""
+    error = jnp.where(jnp.any(count > capacity), CAPACITY, 0)
+    if cells is not None:
+        error = error | jnp.where(cells.did_buffer_overflow, CELL_LIST, 0)
+    return error.astype(jnp.int32)
 
 
 def _derive(nbrs, system, idx):
@@ -292,17 +322,17 @@ def _derive(nbrs, system, idx):
 
 
 def _flags(nbrs, system):
-    """True when the list cannot be trusted for ``system``: changed cell, or an atom outside the
-    vacuum slab of a non-periodic direction."""
-    bad = jnp.asarray(False)
+    """The error bits for ``system``: a changed cell, an atom outside the vacuum slab of a
+    non-periodic direction."""
+    error = jnp.asarray(0, jnp.int32)
     if system.periodic:
-        bad = bad | jnp.any(jnp.abs(system.cell - nbrs.reference_cell) > 1e-9)
+        error = error | jnp.where(jnp.any(jnp.abs(system.cell - nbrs.reference_cell) > 1e-9), CELL_CHANGED, 0)
     if not all(system.pbc):
         s = (system.positions - nbrs.origin) @ nbrs.to_fractional
         free = ~jnp.asarray(system.pbc)
         outside = (s < 0.0) | (s > nbrs.slab_limit)
-        bad = bad | jnp.any(outside & free[None, :] & system.mask[:, None])
-    return bad
+        error = error | jnp.where(jnp.any(outside & free[None, :] & system.mask[:, None]), LEFT_SLAB, 0)
+    return error.astype(jnp.int32)
 
 
 def update_neighbors(nbrs: NeighborList, system) -> NeighborList:
@@ -320,13 +350,10 @@ def update_neighbors(nbrs: NeighborList, system) -> NeighborList:
         frac = _fractional(x, cell, nbrs.replicas, nbrs.to_fractional, nbrs.origin)
         cells = None if nbrs.cells is None else nbrs.cells.update(frac)
         idx, count = _search(nbrs, frac, cells, nbrs.capacity)
-        lost = jnp.any(count > nbrs.capacity)
-        if cells is not None:
-            lost = lost | cells.did_buffer_overflow
-        return dataclasses.replace(_derive(nbrs, system, idx), cells=cells, overflow=nbrs.overflow | lost)
+        return dataclasses.replace(_derive(nbrs, system, idx), cells=cells, error=nbrs.error | _lost(count, nbrs.capacity, cells))
 
     new = jax.lax.cond(need, rebuild, lambda nbrs: nbrs, nbrs)
-    return dataclasses.replace(new, overflow=new.overflow | _flags(new, system))
+    return dataclasses.replace(new, error=new.error | _flags(new, system))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,8 +367,13 @@ class Neighbors:
     reciprocal: object = None
 
     @property
+    def error(self):
+        """Why the pairs cannot be trusted (bits of :data:`REASONS`; 0: they can)."""
+        return jnp.asarray(0, jnp.int32) if self.pairs is None else self.pairs.error
+
+    @property
     def overflow(self):
-        return jnp.asarray(False) if self.pairs is None else self.pairs.overflow
+        return self.error != 0
 
     @property
     def did_buffer_overflow(self):

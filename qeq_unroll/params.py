@@ -7,7 +7,7 @@ symbols, the Slater principal quantum numbers, the pair forms and the set's name
 An element may lack a key that no kernel in use needs: such entries are NaN and are dropped again
 on save, so a JSON file round-trips losslessly.
 
-JSON layout (DESIGN.md §3)::
+JSON layout (docs/reference.md)::
 
     {"name": "my-set",
      "elements": {"Na": {"chi": 2.843, "hardness": 4.592, "sigma": 1.0, "gamma": 0.7,

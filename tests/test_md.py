@@ -181,7 +181,7 @@ def test_neighbour_overflow_that_cannot_fit_is_an_error():
     system = qu.make_system(atoms.positions, SALT.species_indices(atoms.get_chemical_symbols()),
                             cell=np.asarray(atoms.cell[:]), pbc=(True, True, True))
     settings = md.Settings(steps=10, capacity_multiplier=0.5, max_capacity_multiplier=0.7)
-    with pytest.raises(md.MDError, match="neighbour list overflowed at step 0 and cannot be made to fit"):
+    with pytest.raises(md.MDError, match="neighbour list overflowed at step 0 and cannot be made to fit: an atom has more neighbours"):
         list(md.run(settings, energy, SALT, system, atoms.get_masses(), layout="list"))
 
 
