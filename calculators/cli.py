@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qeq_unroll import SOLVERS
 from qeq_unroll.errors import QEqError
+
+from .options import add_model_options, model_settings
 
 
 def add_demo(subparsers) -> None:
@@ -30,14 +33,7 @@ def add_demo(subparsers) -> None:
     )
     p.add_argument("--fmax", type=float, default=0.01, help="BFGS force threshold in eV/A (default 0.01)")
     p.add_argument("--steps", type=int, default=1000, help="maximum BFGS steps per structure (default 1000)")
-    p.add_argument("--solver", default="cg", help="charge solver: exact, cg, gd, nag (default cg)")
-    p.add_argument("--iterations", type=int, default=None,
-                   help="fixed number of solver iterations K (default: iterate to tolerance)")
-    p.add_argument("--max-iterations", type=int, default=1000,
-                   help="cap on solver iterations when iterating to tolerance (default 1000)")
-    p.add_argument("--gradient", default="unrolled", help="force mode: unrolled, implicit, envelope (default unrolled)")
-    p.add_argument("--kernel", default="gaussian", help="Coulomb kernel (default gaussian)")
-    p.add_argument("--params", default="demo-nacl-water", help="parameter set name or JSON file (default demo-nacl-water)")
+    add_model_options(p, params="demo-nacl-water", solvers=tuple(SOLVERS))
     p.add_argument("--no-fit", action="store_true",
                    help="skip the short fit to the shipped GFN2-xTB data and the relaxation with the fitted set")
     p.set_defaults(func=_run_demo)
@@ -46,8 +42,7 @@ def add_demo(subparsers) -> None:
 def _run_demo(args) -> int:
     from .demo import run_demo
 
-    settings = dict(params=args.params, kernel=args.kernel, solver=args.solver, iterations=args.iterations,
-                    max_iterations=args.max_iterations, gradient=args.gradient)
+    settings = model_settings(args)
     run_demo(fmax=args.fmax, steps=args.steps, settings=settings, fit=not args.no_fit)
     return 0
 

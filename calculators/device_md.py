@@ -26,6 +26,8 @@ from qeq_unroll import md
 from qeq_unroll.errors import QEqInputError
 from qeq_unroll.params import write_atomic
 
+from .options import add_model_options, model_settings
+
 
 def _frames(atoms, rec, dt_fs):
     """ASE frames of a record (positions unwrapped, as integrated)."""
@@ -133,14 +135,8 @@ def add_md(subparsers) -> None:
     p.add_argument("--charges", choices=("geometry", "warm", "xl"), default="geometry",
                    help="solver start: geometry (positions only; exact forces), warm (previous charges, "
                    "as LAMMPS), xl (extended-Lagrangian charges) (default geometry)")
-    p.add_argument("--params", default="demo-nacl-water", help="parameter set name or JSON file")
-    p.add_argument("--kernel", default="gaussian", help="Coulomb kernel (default gaussian)")
-    p.add_argument("--cutoff", type=float, default=None, help="kernel cutoff in Å (default: the kernel's)")
-    p.add_argument("--solver", default="cg", help="charge solver: exact, cg, gd, nag, learned (default cg)")
+    add_model_options(p, params="demo-nacl-water")
     p.add_argument("--solver-params", default=None, help="solver file of --solver learned")
-    p.add_argument("--iterations", "-K", type=int, default=None, help="fixed solver iterations K (default: to --tol)")
-    p.add_argument("--tol", type=float, default=None, help="solver tolerance (default 1e-10 in float64, 1e-5 in float32)")
-    p.add_argument("--gradient", default="unrolled", help="force mode: unrolled, implicit, envelope (default unrolled)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="precision (default float64)")
     p.add_argument("--report-every", type=int, default=10, help="steps between recorded frames (default 10)")
     p.add_argument("--block", type=int, default=10, help="records per jitted block (default 10)")
@@ -160,8 +156,7 @@ def _run(args) -> int:
         raise QEqInputError(f"structure file not found: {args.structure}")
     atoms = ase.io.read(args.structure)
     calc = QEqCalculator(
-        params=args.params, kernel=args.kernel, cutoff=args.cutoff, solver=args.solver, solver_params=args.solver_params,
-        iterations=args.iterations, tol=args.tol, gradient=args.gradient, dtype=args.dtype,
+        solver_params=args.solver_params, dtype=args.dtype, **model_settings(args),
     )
     ensemble = "nve" if args.ensemble == "nve" else args.thermostat
     settings = md.Settings(

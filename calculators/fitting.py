@@ -14,13 +14,14 @@ import json
 import math
 from pathlib import Path
 
+from qeq_unroll import SOLVERS
 from qeq_unroll.errors import QEqInputError
+
+from .options import add_model_options
 
 #: Defaults of ``qeq-unroll fit``.
 DEFAULTS = dict(
     params="demo-nacl-water",
-    kernel="gaussian",
-    solver="cg",
     iterations=20,
     gradient="unrolled",
     validation="0.1",
@@ -46,12 +47,6 @@ def _parse_pairs(text: str, what: str, cast=str) -> dict:
     return out
 
 
-def _iterations(text):
-    if str(text).lower() in ("none", "0", "tol"):
-        return None
-    return int(text)
-
-
 def add_fit(subparsers) -> None:
     p = subparsers.add_parser(
         "fit",
@@ -66,17 +61,9 @@ def add_fit(subparsers) -> None:
     )
     p.add_argument("train_files", nargs="+", metavar="TRAIN.xyz", help="training data (extended XYZ)")
     p.add_argument("--out", required=True, help="fitted parameter set to write (JSON)")
-    p.add_argument("--params", default=DEFAULTS["params"],
-                   help=f"start: built-in set name or JSON file (default {DEFAULTS['params']})")
-    p.add_argument("--kernel", default=DEFAULTS["kernel"], help="Coulomb kernel: gaussian, reaxff, point (default gaussian)")
-    p.add_argument("--cutoff", type=float, default=None, help="kernel cutoff in A (default: the kernel's)")
-    p.add_argument("--solver", default=DEFAULTS["solver"], help="charge solver: cg, exact, gd, nag (default cg)")
-    p.add_argument("--iterations", "-K", type=_iterations, default=DEFAULTS["iterations"],
-                   help="fixed solver iterations K, or 'none' to iterate to --tol (default 20)")
-    p.add_argument("--tol", type=float, default=1e-10, help="solver tolerance (relative residual, default 1e-10)")
-    p.add_argument("--max-iterations", type=int, default=1000, help="iteration cap when iterating to --tol")
-    p.add_argument("--gradient", choices=("unrolled", "implicit"), default=DEFAULTS["gradient"],
-                   help="how the solver is differentiated (default unrolled)")
+    # a fit differentiates through the solver: no envelope gradients, no learned solver
+    add_model_options(p, params=DEFAULTS["params"], iterations_default=DEFAULTS["iterations"], solvers=tuple(SOLVERS),
+                      gradients=("unrolled", "implicit"), gradient=DEFAULTS["gradient"], tol=1e-10, tol_help="default 1e-10")
     p.add_argument("--coulomb-constant", type=float, default=None, help="k_e in eV*A (default 14.399645)")
     p.add_argument("--validation", default=DEFAULTS["validation"],
                    help="validation data: an extended XYZ file, or a fraction of the training data held "

@@ -11,6 +11,8 @@ import numpy as np
 
 from qeq_unroll.errors import QEqInputError
 
+from .options import add_model_options
+
 
 def add_train_solver(subparsers) -> None:
     p = subparsers.add_parser(
@@ -21,10 +23,7 @@ def add_train_solver(subparsers) -> None:
         "structures. Writes a solver file (JSON).",
     )
     p.add_argument("structures", help="structure file read by ase.io (all frames), e.g. train.xyz")
-    p.add_argument("--params", default="rappe-goddard-1991", help="parameter set name or JSON file")
-    p.add_argument("--kernel", default="gaussian", help="Coulomb kernel: gaussian, reaxff, point")
-    p.add_argument("--cutoff", type=float, default=None, help="kernel cutoff in Å (default: the kernel's)")
-    p.add_argument("--iterations", "-K", type=int, default=4, help="number of solver iterations K (default 4)")
+    add_model_options(p, params="rappe-goddard-1991", iterations_default=4, only=("params", "kernel", "cutoff", "iterations"))
     p.add_argument("--family", choices=("gd", "nag", "cg"), default="cg", help="iteration family (default cg)")
     p.add_argument("--objective", choices=("charges", "energy", "forces"), default="charges",
                    help="error minimised against the exact solve (default charges)")
@@ -65,6 +64,8 @@ def run_train_solver(args) -> int:
     from qeq_unroll.learned import init_learned, save_learned
     from qeq_unroll.solver_training import train_solver
 
+    if args.iterations is None:
+        raise QEqInputError("train-solver trains a fixed number of iterations: give -K (e.g. -K 4)")
     params = qu.load_params(args.params)
     kernel = qu.get_kernel(args.kernel, args.cutoff)
     frames = ase.io.read(args.structures, index=":")
