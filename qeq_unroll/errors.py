@@ -29,5 +29,13 @@ class QEqRangeError(QEqConvergenceError):
     broken down at this geometry."""
 
 
+def require_positive_integers(settings, names) -> None:
+    """Refuse settings (a dataclass) whose fields ``names`` are not positive integers, naming the field."""
+    for name in names:
+        value = getattr(settings, name)
+        if int(value) != value or value < 1:
+            raise QEqInputError(f"{name} must be a positive integer, got {value}")
+
+
 class QEqConvergenceWarning(RuntimeWarning):
     """A charge solve run to a tolerance stopped at its iteration limit before reaching it."""

@@ -53,7 +53,7 @@ import optax
 
 from .dataset import Batch, Batcher, BatchPlan, Dataset, epoch_plan, plan_batches
 from .energy import energy_and_forces
-from .errors import QEqInputError
+from .errors import QEqInputError, require_positive_integers
 from .loss import (  # noqa: F401  (re-exported: the fitting API in one place)
     TERMS,
     add_sums,
@@ -128,9 +128,7 @@ class FitConfig:
             raise QEqInputError(f"unknown optimizer '{self.optimizer}' (valid: adam, lbfgs)")
         if self.schedule not in ("cosine", "constant"):
             raise QEqInputError(f"unknown schedule '{self.schedule}' (valid: cosine, constant)")
-        for name in ("epochs", "batch_size", "checkpoint_every", "devices", "lbfgs_memory"):
-            if int(getattr(self, name)) < 1:
-                raise QEqInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        require_positive_integers(self, ("epochs", "batch_size", "checkpoint_every", "devices", "lbfgs_memory"))
         if not self.learning_rate > 0:
             raise QEqInputError(f"learning rate must be positive, got {self.learning_rate}")
 

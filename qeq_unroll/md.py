@@ -46,7 +46,7 @@ import numpy as np
 from jax import lax
 
 from .checks import Limits
-from .errors import QEqError, QEqInputError
+from .errors import QEqError, QEqInputError, require_positive_integers
 from .neighbors import reasons
 
 #: One femtosecond in the unit of time Å·√(amu/eV).
@@ -223,9 +223,7 @@ class Settings:
             raise QEqInputError(f"charge mode '{self.charges}' runs NVE only, not '{self.ensemble}'")
         if not (math.isfinite(self.dt_fs) and self.dt_fs > 0):
             raise QEqInputError(f"the time step must be a positive number of fs, got {self.dt_fs}")
-        for name in ("steps", "report_every", "block"):
-            if int(getattr(self, name)) < 1:
-                raise QEqInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        require_positive_integers(self, ("steps", "report_every", "block"))
         if not 0 < self.capacity_multiplier <= self.max_capacity_multiplier:
             raise QEqInputError(
                 f"need 0 < capacity_multiplier ({self.capacity_multiplier}) <= max_capacity_multiplier "
