@@ -145,6 +145,13 @@ class QEqModel:
     coulomb_constant: float = COULOMB_CONSTANT
     terms: object = ElementTable()
 
+    def __post_init__(self):
+        if self.terms.charge_dependent and self.gradient.name == "envelope":
+            raise QEqInputError(
+                "a short-range energy that depends on the charges makes the energy non-stationary in q, so "
+                "envelope forces are wrong at any tolerance: use gradient 'unrolled' or 'implicit'"
+            )
+
     def __call__(self, params, system, neighbors=None, guess=None):
         source = _unpack(neighbors)[0]
         if (system.periodic or source is not None) and self.solver.needs_distances:

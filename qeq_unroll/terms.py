@@ -51,7 +51,7 @@ class ElementTable:
     """χ and J per element (``params.chi``, ``params.hardness``) and the element-pair terms of
     ``params.pairs`` (Born–Mayer, Buckingham, Morse) as the short-range energy."""
 
-    charge_dependent: bool = dataclasses.field(default=False, init=False)
+    charge_dependent = False
 
     def atom_terms(self, params, system, pairs) -> AtomTerms:
         s = system.species

@@ -85,3 +85,13 @@ def test_list_and_images_agree_on_the_toy():
     e2, f2, _ = run(PARAMS, system, model.neighbors(system, PARAMS, layout="list"))
     np.testing.assert_allclose(e1, e2, rtol=1e-12)
     np.testing.assert_allclose(f1, f2, atol=1e-10)
+
+
+def test_charge_dependent_terms_refuse_envelope_forces():
+    @dataclasses.dataclass(frozen=True)
+    class ChargeDependent(ElementTable):
+        charge_dependent = True
+
+    with pytest.raises(qu.QEqInputError, match="envelope forces are wrong at any tolerance"):
+        qu.qeq_energy("gaussian", "cg", "envelope", terms=ChargeDependent())
+    assert qu.qeq_energy("gaussian", "cg", "implicit", terms=ChargeDependent()).terms.charge_dependent
