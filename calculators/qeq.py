@@ -105,7 +105,7 @@ class QEqCalculator(Calculator):
                 f"{qeq_unroll.solvers.min_tol(self._dtype):.2g}; use a larger tol (None picks {DEFAULT_TOL[p.dtype]:g}) "
                 "or dtype='float64'"
             )
-        self.limits = checks.Limits(p.min_distance, p.charge_margin, p.max_memory)
+        checks.Limits(p.min_distance, p.charge_margin, p.max_memory)  # bad limits are an error here already
         params = qeq_unroll.load_params(p.params)
         self.kernel = qeq_unroll.get_kernel(p.kernel, p.cutoff)
         if p.reciprocal is not None:
@@ -134,6 +134,12 @@ class QEqCalculator(Calculator):
         self._neighbors = None
         self._neighbors_key = None
         self._checked_size = None
+
+    @property
+    def limits(self) -> checks.Limits:
+        """The checks' settings (``min_distance``, ``charge_margin``, ``max_memory``; ``calc.set`` changes them)."""
+        p = self.parameters
+        return checks.Limits(p.min_distance, p.charge_margin, p.max_memory)
 
     @property
     def energy_function(self):
