@@ -341,3 +341,16 @@ def test_implicit_derivative_in_the_fragment_charges():
     h = 1e-4
     fd = (e_of(q0 + h) - e_of(q0 - h)) / (2 * h)
     np.testing.assert_allclose(jax.grad(lambda q: e_of(q).sum())(q0), fd, rtol=1e-7)
+
+
+def test_exact_solver_says_when_its_residual_misses_tol():
+    """Near-coincident Gaussian atoms with a tiny hardness make H ill-conditioned (κ ~ 1e9): the
+    factorisation's residual then misses a tight tol and the solve reports it, and passes a loose one."""
+    data = PARAMS.to_dict()
+    data["elements"]["Na"]["hardness"] = 1e-8
+    soft = qu.load_params(data)
+    system = qu.make_system([[0.0, 0.0, 0.0], [1e-3, 0.0, 0.0], [3.0, 0.0, 0.0]], soft.species_indices(["Na", "Na", "Cl"]))
+    tight = qu.qeq_energy("gaussian", qu.Exact(tol=1e-15), "implicit")(soft, system)[1]
+    loose = qu.qeq_energy("gaussian", qu.Exact(tol=1e-3), "implicit")(soft, system)[1]
+    assert float(tight["residual"]) > 2.3e-15 and not bool(tight["converged"]) and bool(tight["positive_definite"])
+    assert bool(loose["converged"]) and float(loose["residual"]) == float(tight["residual"])
