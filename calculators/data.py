@@ -1,19 +1,23 @@
 """Reference data from extended XYZ files (through ``ase.io``) as a ``qeq_unroll.dataset.Dataset``.
 
-Units as in ASE: energies eV, forces eV/Å, charges e, dipoles e·Å.
+Units as in ASE: energies eV, forces eV/Å, charges e, dipoles e·Å, stress eV/Å³ (Voigt order xx,
+yy, zz, yz, xz, xy; a 3 × 3 tensor is accepted too).
 
     from calculators.data import read_reference, shipped_reference
     data, report = read_reference(shipped_reference("train"), params)
 
 Each property is looked up under its key (defaults ``REF_energy``, ``REF_forces``, ``REF_charges``,
-``REF_dipole``; configurable) in ``atoms.info`` (energy, dipole) or ``atoms.arrays`` (forces,
+``REF_dipole``, ``REF_stress``; configurable) in ``atoms.info`` (energy, dipole) or ``atoms.arrays`` (forces,
 charges), and failing that in the results of a calculator attached by the reader (e.g. the
 ``energy``/``forces`` columns ASE turns into a single-point calculator), under the key itself or the
 property's plain name. The total charge of a structure is ``info["total_charge"]``, else
-``info["charge"]``, else the sum of the initial charges, else 0.
+``info["charge"]``, else the sum of the initial charges, else 0. A structure with any periodic
+direction keeps its cell and ``pbc``; free-space and periodic structures mix freely.
 
 Errors name the file and the configuration: a *required* property missing, elements the parameter
-set lacks, periodic cells, atoms closer than ``min_distance`` (``qeq_unroll.checks``). Configurations with non-finite coordinates or reference values are
+set lacks, a singular cell or one so small that atoms meet their own images, a stress on a
+structure that is not periodic in 3D, atoms closer than ``min_distance`` (images included;
+``qeq_unroll.checks``). Configurations with non-finite coordinates or reference values are
 skipped and counted in the report (``on_nonfinite="error"`` makes them an error).
 """
 
@@ -30,10 +34,12 @@ from ase.io import read
 from qeq_unroll import checks
 from qeq_unroll.dataset import PROPERTIES, Configuration, Dataset, is_finite
 from qeq_unroll.errors import QEqInputError
+from qeq_unroll.periodic import check_cell, frame, image_shifts
 from qeq_unroll.params import Params
 
 #: Default keys of the reference properties.
-DEFAULT_KEYS = {"energy": "REF_energy", "forces": "REF_forces", "charges": "REF_charges", "dipole": "REF_dipole"}
+DEFAULT_KEYS = {"energy": "REF_energy", "forces": "REF_forces", "charges": "REF_charges", "dipole": "REF_dipole",
+                "stress": "REF_stress"}
 #: The shipped GFN2-xTB set (see examples/make_reference_data.py): "train" and "heldout".
 SHIPPED = {"train": "xtb-train.xyz", "heldout": "xtb-heldout.xyz"}
 _PER_ATOM = {"forces": (3,), "charges": ()}
@@ -68,9 +74,30 @@ def _total_charge(atoms) -> float:
     return 0.0
 
 
-def _check_distances(configuration, symbols, limits, source):
-    pairs = checks.closest_pairs(configuration.positions)
+def _stress(value):
+    """Voigt (6,) eV/Å³ from a (6,) or (3, 3) stress (None stays None)."""
+    if value is None or np.shape(value) == (6,):
+        return value
+    if np.shape(value) == (3, 3):
+        return value[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+    return np.reshape(value, -1)  # a wrong length is named by the data set's shape check
+
+
+def _check_geometry(c: Configuration, symbols, limits, source):
+    """Refuse a cell in which atoms meet their own images, and atoms closer than
+    ``limits.min_distance`` (over the lattice images of a periodic structure)."""
     try:
+        shifts = None
+        positions = c.positions
+        if c.periodic:
+            check_cell(c.cell, c.pbc)
+            checks.check_cell(c.cell, c.pbc, c.n_atoms, limits)
+            base = np.asarray(frame(c.cell, c.pbc, xp=np), dtype=float)
+            frac = positions @ np.linalg.inv(base)
+            frac[:, list(c.pbc)] %= 1.0
+            positions = frac @ base
+            shifts = image_shifts(c.cell, c.pbc, limits.min_distance)
+        pairs = checks.closest_pairs(positions, c.cell, c.pbc, shifts)
         checks.check_distances(pairs[0][2] if pairs else np.inf, lambda: pairs, symbols, limits)
     except QEqInputError as error:
         raise QEqInputError(f"{source}: {error}") from None
@@ -126,8 +153,6 @@ def read_reference(
             )
         for k, atoms in enumerate(frames):
             source = f"{path}:{k}"
-            if atoms.pbc.any():
-                raise QEqInputError(f"{source}: periodic cells are not supported (pbc = {atoms.pbc.tolist()})")
             values = {}
             for term in PROPERTIES:
                 v = _lookup(atoms, term, keys[term])
@@ -146,13 +171,16 @@ def read_reference(
                 charges=values["charges"],
                 dipole=values["dipole"],
                 source=source,
+                cell=np.asarray(atoms.cell.array, dtype=float) if atoms.pbc.any() else None,
+                pbc=tuple(bool(p) for p in atoms.pbc),
+                stress=_stress(values["stress"]),
             )
             if not is_finite(c):
                 if on_nonfinite == "error":
                     raise QEqInputError(f"{source}: non-finite coordinates or reference values")
                 skipped.append(source)
                 continue
-            _check_distances(c, atoms.get_chemical_symbols(), limits, source)
+            _check_geometry(c, atoms.get_chemical_symbols(), limits, source)
             for term in PROPERTIES:
                 counts[term] += values[term] is not None
             configurations.append(c)

@@ -5,7 +5,14 @@
 
 The logic lives in ``qeq_unroll.fit`` (the loop) and ``calculators.data`` (reading); this module
 turns options into those calls and prints a summary. Units: energies eV (metrics meV/atom),
-forces eV/Å, charges e, dipoles e·Å.
+forces eV/Å, charges e, dipoles e·Å, stress eV/Å³ (metrics GPa).
+
+Starting pair terms: when ``pairs`` is trained and the start set has no pair term between the
+elements of the data, :func:`add_start_pairs` adds one of the form ``--pairs`` for every pair of
+elements present, placed at the sum of the two covalent radii r_c (Cordero et al., Dalton Trans.
+2008, 2832, as tabulated by ``ase.data.covalent_radii``): Born–Mayer A e^(−r/ρ) with ρ = 0.3 Å and
+A e^(−r_c/ρ) = 0.1 eV (a soft repulsion at contact); Buckingham the same with C = 0; Morse with
+D = 0.1 eV, a = 1.5 Å⁻¹, r0 = r_c.
 """
 
 from __future__ import annotations
@@ -31,7 +38,13 @@ DEFAULTS = dict(
     optimizer="adam",
     batch_size=16,
     weights="energy=1,forces=1,charges=0,dipole=0",
+    pairs="born_mayer",
 )
+#: Stress weight, (eV/Å³)⁻², when the data hold stress and ``--weights`` does not name it: a
+#: 0.01 eV/Å³ (1.6 GPa) error then weighs like a 32 meV/atom energy error.
+DEFAULT_STRESS_WEIGHT = 10.0
+#: Starting pair terms (see the module docstring): softness ρ (Å), energy at contact (eV), Morse a (1/Å).
+START_RHO, START_CONTACT_ENERGY, START_MORSE_A = 0.3, 0.1, 1.5
 
 
 def _parse_pairs(text: str, what: str, cast=str) -> dict:
@@ -78,7 +91,11 @@ def add_fit(subparsers) -> None:
                    help="adam (mini-batches) or lbfgs (full batch, one iteration per epoch); default adam")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="structures per batch (default 16)")
     p.add_argument("--weights", default=DEFAULTS["weights"],
-                   help="loss weights, e.g. energy=1,forces=1,charges=0.5,dipole=0 (energy per atom; default %(default)s)")
+                   help="loss weights, e.g. energy=1,forces=1,charges=0.5,dipole=0,stress=10 (energy per atom; stress in "
+                   f"eV/A^3, default {DEFAULT_STRESS_WEIGHT:g} where the data have stress; default %(default)s)")
+    p.add_argument("--pairs", choices=("born_mayer", "buckingham", "morse"), default=DEFAULTS["pairs"],
+                   help="form of the starting pair terms added when the start set has none between the data's elements "
+                   "(default born_mayer)")
     p.add_argument("--pull", type=float, default=0.0, help="weight of a pull toward the start parameters (default 0)")
     p.add_argument("--patience", type=int, default=20, help="early stopping: epochs without validation improvement (default 20; 0 off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffling (default 0)")
@@ -127,36 +144,66 @@ def _load_data(files, params, keys, required, on_nonfinite, echo):
     return data, report
 
 
-def run_fit(args, echo=print) -> int:
-    import qeq_unroll as qu
-    from qeq_unroll import fit as F
+def add_start_pairs(params, dataset, form: str = "born_mayer"):
+    """``(params, added)``: ``params`` with a starting pair term of ``form`` for every pair of
+    elements present in ``dataset`` when it has none between them (see the module docstring);
+    ``added`` names the pairs added (empty: ``params`` unchanged)."""
+    from ase.data import atomic_numbers, covalent_radii
+
+    from qeq_unroll.params import Params, pair_key
+
+    present = [params.elements[i] for i in dataset.species_present()]
+    keys = sorted({pair_key(a, b) for a in present for b in present})
+    if any(k in params.pairs for k in keys):
+        return params, []
+    data = params.to_dict()
+    pairs = data.setdefault("pairs", {})
+    for key in keys:
+        a, b = key.split("-")
+        contact = float(covalent_radii[atomic_numbers[a]] + covalent_radii[atomic_numbers[b]])
+        prefactor = START_CONTACT_ENERGY * math.exp(contact / START_RHO)
+        pairs[key] = {
+            "born_mayer": {"born_mayer": {"A": prefactor, "rho": START_RHO}},
+            "buckingham": {"buckingham": {"A": prefactor, "rho": START_RHO, "C": 0.0}},
+            "morse": {"morse": {"D": START_CONTACT_ENERGY, "a": START_MORSE_A, "r0": contact}},
+        }[form]
+    return Params.from_dict(data), keys
+
+
+def _weights(args, train, echo) -> dict:
+    """Loss weights from ``--weights``; stress gets ``DEFAULT_STRESS_WEIGHT`` where the data have
+    stress and the option does not name it."""
+    given = _parse_pairs(args.weights, "--weights", float)
+    weights = {**{"energy": 0.0, "forces": 0.0, "charges": 0.0, "dipole": 0.0, "stress": 0.0}, **given}
+    if "stress" not in given and train.has("stress"):
+        weights["stress"] = DEFAULT_STRESS_WEIGHT
+        n = sum(c.stress is not None for c in train.configurations)
+        echo(f"{n} training structures have a reference stress: stress weight {DEFAULT_STRESS_WEIGHT:g} (eV/A^3)^-2 "
+             "(set it with --weights ...,stress=W)")
+    return weights
+
+
+def _split(args, train, stem, params, keys, required, echo):
+    """``(train, validation, note)`` after ``--validation`` (a file or a held-out fraction)."""
     from qeq_unroll.dataset import persisted_split
 
-    params = qu.load_params(args.params)
-    weights = {**{"energy": 0.0, "forces": 0.0, "charges": 0.0, "dipole": 0.0},
-               **_parse_pairs(args.weights, "--weights", float)}
-    keys = _parse_pairs(args.keys, "--keys")
-    required = [k for k, w in weights.items() if w > 0]
-    train, report = _load_data(args.train_files, params, keys, required, args.on_nonfinite, echo)
-    stem = _stem(args.out)
-    validation = None
     try:
         fraction = float(args.validation)
     except ValueError:
-        fraction = None
-    if fraction is None:
         validation, _ = _load_data([args.validation], params, keys, required, args.on_nonfinite, echo)
-        split_note = f"validation file {args.validation}"
-    elif fraction > 0:
+        return train, validation, f"validation file {args.validation}"
+    if fraction > 0:
         split_path = args.split or f"{stem}.split.json"
         tr, va = persisted_split(split_path, train, fraction, args.seed)
-        train, validation = train.subset(tr), train.subset(va)
-        split_note = f"{fraction:g} of the training data held out (split in {split_path})"
-    else:
-        split_note = "no validation data"
-    groups = tuple(g.strip() for g in args.train.split(",") if g.strip())
-    config = F.FitConfig(
-        train=groups,
+        return train.subset(tr), train.subset(va), f"{fraction:g} of the training data held out (split in {split_path})"
+    return train, None, "no validation data"
+
+
+def _config(args, weights):
+    from qeq_unroll import fit as F
+
+    return F.FitConfig(
+        train=tuple(g.strip() for g in args.train.split(",") if g.strip()),
         weights=weights,
         pull=args.pull,
         optimizer=args.optimizer,
@@ -170,6 +217,26 @@ def run_fit(args, echo=print) -> int:
         devices=args.devices,
         min_bucket=args.min_bucket,
     )
+
+
+def run_fit(args, echo=print) -> int:
+    import qeq_unroll as qu
+    from qeq_unroll import fit as F
+
+    params = qu.load_params(args.params)
+    keys = _parse_pairs(args.keys, "--keys")
+    given = _parse_pairs(args.weights, "--weights", float)
+    required = [k for k, w in given.items() if w > 0 and k != "stress"]  # stress: bulk cells only
+    train, report = _load_data(args.train_files, params, keys, required, args.on_nonfinite, echo)
+    weights = _weights(args, train, echo)
+    stem = _stem(args.out)
+    train, validation, split_note = _split(args, train, stem, params, keys, required, echo)
+    config = _config(args, weights)
+    if "pairs" in config.train:
+        params, added = add_start_pairs(params, train, args.pairs)
+        if added:
+            echo(f"'{params.name}' has no pair terms between the elements of the data: starting {args.pairs} terms "
+                 f"added for {', '.join(added)} (see 'qeq-unroll fit --help', --pairs)")
     kernel = qu.get_kernel(args.kernel, args.cutoff)
     solver = qu.get_solver(args.solver, args.iterations, args.tol, args.max_iterations)
     kwargs = {} if args.coulomb_constant is None else {"coulomb_constant": args.coulomb_constant}
@@ -177,10 +244,10 @@ def run_fit(args, echo=print) -> int:
     checkpoint = args.checkpoint or f"{stem}.ckpt.json"
     log = args.log or f"{stem}.log.jsonl"
     k_text = "to tol" if args.iterations is None else f"K={args.iterations}"
-    echo(f"qeq-unroll fit: {len(train)} training and {0 if validation is None else len(validation)} validation "
-         f"configurations ({split_note}); start '{params.name}', kernel {kernel.name}, solver {args.solver} "
-         f"{k_text}, {args.gradient} gradients; training {', '.join(groups)}; {args.optimizer}, "
-         f"{args.epochs} epochs")
+    n_periodic = sum(c.periodic for c in train.configurations)
+    echo(f"qeq-unroll fit: {len(train)} training ({n_periodic} periodic) and {0 if validation is None else len(validation)} "
+         f"validation configurations ({split_note}); start '{params.name}', kernel {kernel.name}, solver {args.solver} "
+         f"{k_text}, {args.gradient} gradients; training {', '.join(config.train)}; {args.optimizer}, {args.epochs} epochs")
     try:
         result = F.fit(params, train, energy, config, validation=validation, checkpoint=checkpoint, log=log,
                        resume=args.resume, progress=not args.no_progress)
@@ -188,21 +255,10 @@ def run_fit(args, echo=print) -> int:
         echo(f"\ninterrupted: the last checkpoint {checkpoint} is intact; continue with the same command and --resume")
         return 130
     qu.save_params(result.params, args.out)
-    if result.history:
-        unconverged = sum(h["train"]["unconverged"] for h in result.history)
-        if unconverged and args.gradient == "implicit":
-            echo(f"warning: {unconverged} unconverged charge solves during the fit: implicit gradients assume "
-                 "converged solves; raise --iterations or use --gradient unrolled")
-    echo("")
-    echo(format_summary(result))
+    _report(args, result, energy, echo)
     written = [args.out, checkpoint, log]
     if args.lammps_out:
-        style = args.lammps_style or ("reaxff" if kernel.name == "reaxff" else "point")
-        types = [params.elements[i] for i in train.species_present()]
-        qu.write_lammps_qeq(result.params, args.lammps_out, types, style=style)
-        note = " (the gaussian widths sigma have no LAMMPS column: chi and eta only)" if kernel.name == "gaussian" else ""
-        echo(f"LAMMPS fix qeq/{style} file {args.lammps_out}: types {' '.join(f'{t + 1}={e}' for t, e in enumerate(types))}{note}")
-        written.append(args.lammps_out)
+        written.append(_write_lammps(args, result, kernel, train, echo))
     echo(f"wrote {', '.join(written)}")
     if result.offsets:
         echo("energy offsets (eV/atom of each element): " + ", ".join(
@@ -210,30 +266,69 @@ def run_fit(args, echo=print) -> int:
     return 0
 
 
+def _report(args, result, energy, echo) -> None:
+    """Warnings (unconverged solves, implausible parameters) and the closing table."""
+    if result.history:
+        unconverged = sum(h["train"]["unconverged"] for h in result.history)
+        if unconverged and args.gradient == "implicit":
+            echo(f"warning: {unconverged} unconverged charge solves during the fit: implicit gradients assume "
+                 "converged solves; raise --iterations or use --gradient unrolled")
+    for warning in result.warnings:
+        echo(f"warning: {warning}")
+    echo("")
+    echo(format_summary(result))
+
+
+def _write_lammps(args, result, kernel, train, echo) -> str:
+    import qeq_unroll as qu
+
+    style = args.lammps_style or ("reaxff" if kernel.name == "reaxff" else "point")
+    types = [result.params.elements[i] for i in train.species_present()]
+    qu.write_lammps_qeq(result.params, args.lammps_out, types, style=style)
+    note = " (the gaussian widths sigma have no LAMMPS column: chi and eta only)" if kernel.name == "gaussian" else ""
+    echo(f"LAMMPS fix qeq/{style} file {args.lammps_out}: types {' '.join(f'{t + 1}={e}' for t, e in enumerate(types))}{note}")
+    return args.lammps_out
+
+
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+#: Columns of the closing table: (metric, heading, format); stress only when the data have it.
+COLUMNS = (("energy_mae", "E MAE meV/atom", "14.2f"), ("force_rmse", "F RMSE eV/A", "12.4f"),
+           ("force_mae", "F MAE eV/A", "11.4f"), ("charge_rmse", "q RMSE e", "9.4f"),
+           ("stress_rmse_gpa", "S RMSE GPa", "11.4f"))  # fmt: skip
+
+
 def format_summary(result) -> str:
-    """Start vs fitted metrics on training and validation data (a text table)."""
-    last = None
-    for h in result.history:
-        if h["epoch"] == result.best_epoch:
-            last = h
-    last = last or (result.history[-1] if result.history else {})
-    head = f"{'':<30s} {'E MAE meV/atom':>14s} {'F RMSE eV/A':>12s} {'F MAE eV/A':>11s} {'q RMSE e':>9s}"
-    lines = [head, "-" * len(head)]
-    for part in ("train", "validation"):
-        for label, metrics in (("start", result.initial.get(part)), (f"fitted (epoch {result.best_epoch})", last.get(part))):
+    """Start vs fitted metrics on training and validation data (a text table). A fitted metric
+    worse than at the start is marked ``!`` and named below the table."""
+    best = next((h for h in result.history if h["epoch"] == result.best_epoch), None)
+    best = best or (result.history[-1] if result.history else {})
+    parts = [p for p in ("train", "validation") if result.initial.get(p)]
+    columns = [c for c in COLUMNS if any(m and m.get(c[0]) is not None for p in parts for m in (result.initial[p], best.get(p)))]
+    head = f"{'':<30s} " + " ".join(f"{title:>{int(fmt.split('.')[0]) + 1}s}" for _, title, fmt in columns)
+    lines, worse = [head, "-" * len(head)], []
+    for part in parts:
+        start, fitted = result.initial[part], best.get(part)
+        for label, metrics in (("start", start), (f"fitted (epoch {result.best_epoch})", fitted)):
             if not metrics:
                 continue
-            lines.append(
-                f"{part + ' ' + label:<30s} {_fmt(metrics['energy_mae'], '14.2f')} {_fmt(metrics['force_rmse'], '12.4f')} "
-                f"{_fmt(metrics['force_mae'], '11.4f')} {_fmt(metrics['charge_rmse'], '9.4f')}"
-            )
+            cells = []
+            for key, title, fmt in columns:
+                flag = metrics is fitted and _worse(start.get(key), metrics.get(key))
+                cells.append(_fmt(metrics.get(key), fmt) + ("!" if flag else " "))
+                if flag:
+                    worse.append(f"! {part} {title} got worse than at the start ({_fmt(start[key], '.4g')} -> {_fmt(metrics[key], '.4g')})")
+            lines.append(f"{part + ' ' + label:<30s} " + " ".join(cells))
     note = "stopped early" if result.stopped_early else "all epochs"
+    lines += worse
     lines.append(f"{result.steps} optimiser steps ({note}); start energies use least-squares per-element offsets")
     return "\n".join(lines)
+
+
+def _worse(start, fitted) -> bool:
+    return start is not None and fitted is not None and fitted > start * (1.0 + 1e-9)
 
 
 def read_log(path) -> tuple[dict, list]:

@@ -1,7 +1,12 @@
-"""Generate GFN2-xTB reference data (tblite) for fitting QEq parameters: NaCl and water clusters.
+"""Generate xTB reference data (tblite) for fitting QEq parameters: clusters and periodic cells.
 
-    pip install -e ".[reference]"            # tblite
-    python examples/make_reference_data.py   # ~10 min on 2 cores; writes qeq_unroll/data/reference/
+    pip install -e ".[reference]"                       # tblite
+    python examples/make_reference_data.py              # GFN2-xTB clusters, ~10 min on 2 cores
+    python examples/make_reference_data.py --periodic   # GFN1-xTB periodic cells, ~2 min on 1 core
+
+Both write to qeq_unroll/data/reference/ (``--out`` to change).
+
+Free space (the default run), GFN2-xTB.
 
 For every cluster the script first relaxes it with GFN2-xTB, then labels perturbed copies:
 
@@ -20,6 +25,29 @@ Files (the split is by cluster size, so the held-out file holds sizes absent fro
 
 - ``xtb-train.xyz``: NaCl clusters of ``--train-sizes`` atoms and all water clusters;
 - ``xtb-heldout.xyz``: NaCl clusters of ``--heldout-sizes`` atoms.
+
+Periodic cells (``--periodic``), GFN1-xTB rather than GFN2-xTB: both give a stress that matches a
+finite difference of the energy, but GFN2-xTB's charges in rock-salt MgO fall from 0.64 e (8-atom
+cell) to 0.21 e (64-atom cell) and its pressure swings from +36 to -55 GPa, while GFN1-xTB's stay
+at 0.85-0.79 e. All cells are periodic in 3D and computed at the Gamma point only, as tblite's ASE
+calculator does:
+
+- rock-salt NaCl (a = 5.64 Å) and MgO (a = 4.21 Å), conventional 8-atom cubic cells, and NaCl's
+  16-atom 2x1x1 cell: the ideal cell, ``--cell-rattles`` rattled copies (Gaussian noise
+  0.03-0.12 Å) and ``--cell-strains`` strained copies (a random symmetric strain, each component
+  uniform in ±3 %, plus 0.02 Å noise);
+- ``--water-boxes`` boxes of 8 randomly placed and oriented waters (24 atoms, cubic, 1 g/cm³,
+  edge 6.21 Å, O-O >= 2.5 Å and other intermolecular pairs >= 1.5 Å over the periodic images),
+  relaxed with GFN1-xTB at fixed cell (at most ``--relax-steps`` BFGS steps), then labelled with
+  ``--cell-rattles`` rattled copies (0.02-0.08 Å);
+- held out: the 64-atom 2x2x2 NaCl cell (a size absent from training), ideal, rattled and strained.
+
+Keys as above, except that ``REF_stress`` (eV/Å³, ASE's Voigt order xx yy zz yz xz xy, the
+derivative of the energy with respect to strain over the volume) replaces ``REF_dipole``, ``system``
+(``nacl``/``mgo``/``water``) replaces ``cluster``, ``total_charge`` is 0 and strained copies carry
+their ``strain`` (Voigt order, dimensionless). Files: ``xtb-periodic-train.xyz`` and
+``xtb-periodic-heldout.xyz``. The run ends by comparing ``REF_stress`` of one cell per system with a
+central finite difference of the energy under strains of ±``--fd-strain``.
 
 Configurations whose SCF does not converge are skipped and counted. tblite runs with one thread
 (``OMP_NUM_THREADS=1``, set here unless given) so runs are reproducible; the random numbers come
@@ -40,7 +68,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 from ase import Atoms, units  # noqa: E402
+from ase.build import bulk  # noqa: E402
 from ase.calculators.calculator import CalculationFailed  # noqa: E402
+from ase.geometry import get_distances  # noqa: E402
 from ase.io import write  # noqa: E402
 from ase.md import velocitydistribution  # noqa: E402
 from ase.md.velocitydistribution import Stationary, ZeroRotation  # noqa: E402
@@ -51,12 +81,17 @@ from ase.optimize import BFGS  # noqa: E402
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "qeq_unroll" / "data" / "reference"
 NACL_SPACING = 2.82  # Å, bulk nearest-neighbour distance, the starting point before relaxation
 WATER_OH, WATER_HOH = 0.96, 104.5  # Å, degrees
+#: The periodic set's method: GFN2-xTB's charges in MgO depend strongly on the cell size (docstring).
+PERIODIC_METHOD = "GFN1-xTB"
+NACL_A, MGO_A = 5.64, 4.21  # Å, conventional rock-salt lattice constants (experiment)
+WATER_DENSITY = 1.0  # g/cm³
+VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))  # ASE's stress order
 
 
-def xtb_calculator():
+def xtb_calculator(method: str = "GFN2-xTB"):
     from tblite.ase import TBLite
 
-    return TBLite(method="GFN2-xTB", verbosity=0, max_iterations=300)
+    return TBLite(method=method, verbosity=0, max_iterations=300)
 
 
 # --- structures ------------------------------------------------------------------------------
@@ -99,6 +134,56 @@ def water_cluster(n_molecules: int, rng) -> Atoms:
     return out
 
 
+def rocksalt_cell(formula: str, a: float, repeat=(1, 1, 1)) -> Atoms:
+    """The conventional cubic rock-salt cell of ``formula`` (lattice constant ``a`` in Å, 8 atoms),
+    repeated ``repeat`` times; periodic in 3D."""
+    return bulk(formula, "rocksalt", a=a, cubic=True).repeat(repeat)
+
+
+def water_box(n_molecules: int, rng, density: float = WATER_DENSITY, min_oo: float = 2.5, min_other: float = 1.5) -> Atoms:
+    """``n_molecules`` randomly oriented waters at random places in a cubic periodic box of
+    ``density`` g/cm³. A molecule is drawn again while an O-O distance to the molecules placed (over
+    the periodic images) is under ``min_oo`` Å or any other intermolecular distance under
+    ``min_other`` Å. Molecules are kept whole, so atoms may lie just outside the box."""
+    mass = n_molecules * Atoms("OH2").get_masses().sum()  # amu
+    edge = (mass * units._amu * 1e27 / density) ** (1.0 / 3.0)  # amu·kg/amu·(1e3 g/kg)·(1e24 Å³/cm³)
+    out = Atoms(cell=[edge] * 3, pbc=True)
+    for _ in range(n_molecules):
+        for _ in range(1000):
+            mol = water_molecule(rng.uniform(0.0, edge, 3), rng)
+            if len(out) == 0:
+                break
+            d = get_distances(mol.positions, out.positions, cell=out.cell, pbc=True)[1]
+            is_oo = np.outer(np.array(mol.get_chemical_symbols()) == "O", np.array(out.get_chemical_symbols()) == "O")
+            if np.all(d[is_oo] >= min_oo) and np.all(d[~is_oo] >= min_other):
+                break
+        else:
+            raise RuntimeError(f"no room for {n_molecules} waters in a {edge:.2f} Å box")
+        out += mol
+    return out
+
+
+def rattled(atoms: Atoms, sigma: float, rng) -> Atoms:
+    """A copy with Gaussian noise of standard deviation ``sigma`` (Å) on every coordinate."""
+    atoms = atoms.copy()
+    atoms.positions += rng.normal(0.0, sigma, atoms.positions.shape)
+    return atoms
+
+
+def strain_cell(atoms: Atoms, strain) -> Atoms:
+    """A copy deformed by the symmetric 3 x 3 ``strain`` (dimensionless): cell and positions both
+    become x (1 + strain)."""
+    atoms = atoms.copy()
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+    return atoms
+
+
+def random_strain(max_strain: float, rng) -> np.ndarray:
+    """A symmetric 3 x 3 strain whose components lie in ±``max_strain``."""
+    e = rng.uniform(-max_strain, max_strain, (3, 3))
+    return 0.5 * (e + e.T)
+
+
 # --- labelling -------------------------------------------------------------------------------
 class Labeller:
     def __init__(self):
@@ -106,31 +191,38 @@ class Labeller:
         self.calls = 0
 
     def label(self, atoms: Atoms, calc, **info) -> Atoms | None:
-        """A copy of ``atoms`` with REF_* properties from ``calc``, or None if the SCF failed."""
+        """A copy of ``atoms`` with REF_* properties from ``calc``, or None if the SCF failed. A
+        periodic ``atoms`` keeps its cell and gets ``REF_stress`` (eV/Å³, Voigt) and
+        ``total_charge`` 0 instead of ``REF_dipole``. No calculator is attached to the copy, so
+        extended XYZ holds the values only under the REF_* keys."""
         atoms = atoms.copy()
         atoms.calc = calc
+        periodic = bool(atoms.pbc.any())
         self.calls += 1
         try:
             energy = atoms.get_potential_energy()
             forces = atoms.get_forces()
             charges = atoms.get_charges()
-            dipole = atoms.get_dipole_moment()
+            extra = atoms.get_stress() if periodic else atoms.get_dipole_moment()
         except CalculationFailed:
             self.failed += 1
             return None
-        out = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions)
+        out = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
         out.info.update(info)
         out.info["n_atoms"] = len(out)
+        if periodic:
+            out.info["total_charge"] = 0
         out.info["REF_energy"] = float(energy)
-        out.info["REF_dipole"] = np.asarray(dipole, dtype=float)
+        out.info["REF_stress" if periodic else "REF_dipole"] = np.asarray(extra, dtype=float)
         out.arrays["REF_forces"] = np.asarray(forces, dtype=float)
         out.arrays["REF_charges"] = np.asarray(charges, dtype=float)
         return out
 
 
-def relax(atoms: Atoms, fmax: float, steps: int) -> Atoms:
+def relax(atoms: Atoms, fmax: float, steps: int, method: str = "GFN2-xTB") -> Atoms:
+    """BFGS relaxation of the positions (the cell stays fixed) to ``fmax`` eV/Å."""
     atoms = atoms.copy()
-    atoms.calc = xtb_calculator()
+    atoms.calc = xtb_calculator(method)
     BFGS(atoms, logfile=None).run(fmax=fmax, steps=steps)
     return atoms
 
@@ -193,6 +285,54 @@ def water_configurations(m, args, rng, labeller):
     return [c for c in configs if c is not None]
 
 
+def crystal_configurations(base: Atoms, system: str, args, rng, labeller):
+    """The ideal cell ``base``, ``args.cell_rattles`` rattled copies (noise 0.03-0.12 Å) and
+    ``args.cell_strains`` strained copies (components within ±3 %, plus 0.02 Å noise)."""
+    calc = xtb_calculator(PERIODIC_METHOD)
+    configs = [labeller.label(base, calc, system=system, config_type="ideal")]
+    for sigma in np.linspace(0.03, 0.12, args.cell_rattles):
+        configs.append(labeller.label(rattled(base, sigma, rng), calc, system=system, config_type="rattle"))
+    for _ in range(args.cell_strains):
+        strain = random_strain(0.03, rng)
+        atoms = rattled(strain_cell(base, strain), 0.02, rng)
+        voigt = np.array([strain[i, j] for i, j in VOIGT])
+        configs.append(labeller.label(atoms, calc, system=system, config_type="strain", strain=voigt))
+    return [c for c in configs if c is not None]
+
+
+def water_box_configurations(args, rng, labeller):
+    """A box of 8 waters relaxed at fixed cell, and ``args.cell_rattles`` rattled copies (noise
+    0.02-0.08 Å); nothing if the relaxation's SCF fails (counted)."""
+    try:
+        base = relax(water_box(8, rng), fmax=0.05, steps=args.relax_steps, method=PERIODIC_METHOD)
+    except CalculationFailed:
+        labeller.failed += 1
+        return []
+    calc = xtb_calculator(PERIODIC_METHOD)
+    configs = [labeller.label(base, calc, system="water", config_type="relaxed")]
+    for sigma in np.linspace(0.02, 0.08, args.cell_rattles):
+        configs.append(labeller.label(rattled(base, sigma, rng), calc, system="water", config_type="rattle"))
+    return [c for c in configs if c is not None]
+
+
+def stress_fd_error(config: Atoms, step: float) -> float:
+    """Largest |REF_stress - finite difference| (eV/Å³) of a labelled periodic configuration. Each
+    Voigt component is (E(+h) - E(-h)) / (2 h V), E the energy (eV) under the symmetric strain whose
+    (i, j) and (j, i) entries sum to h = ``step``, V the volume (Å³)."""
+    fd = np.zeros(6)
+    for k, (i, j) in enumerate(VOIGT):
+        strain = np.zeros((3, 3))
+        strain[i, j] += 0.5 * step
+        strain[j, i] += 0.5 * step
+        energies = []
+        for sign in (1.0, -1.0):
+            atoms = strain_cell(config, sign * strain)
+            atoms.calc = xtb_calculator(PERIODIC_METHOD)
+            energies.append(atoms.get_potential_energy())
+        fd[k] = (energies[0] - energies[1]) / (2.0 * step * config.get_volume())
+    return float(np.max(np.abs(fd - config.info["REF_stress"])))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the shipped set)")
@@ -206,10 +346,40 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=400.0, help="MD temperature (K)")
     ap.add_argument("--relax-steps", type=int, default=150, help="BFGS steps of the xTB pre-relaxation")
     ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--periodic", action="store_true", help="make the periodic GFN1-xTB files instead")
+    ap.add_argument("--cell-rattles", type=int, default=6, help="rattled copies per periodic cell")
+    ap.add_argument("--cell-strains", type=int, default=6, help="strained copies per rock-salt cell")
+    ap.add_argument("--water-boxes", type=int, default=3, help="periodic water boxes (8 molecules), training file")
+    ap.add_argument("--fd-strain", type=float, default=1e-4, help="strain step of the stress check")
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
     labeller = Labeller()
+    t0 = time.time()
+    files, extra = periodic(args, rng, labeller) if args.periodic else free_space(args, rng, labeller, ap)
+    from importlib.metadata import version
+
+    for part, (path, count) in files.items():
+        print(f"wrote {path} ({count} configurations, {path.stat().st_size / 1e6:.2f} MB)")
+    print(
+        f"{labeller.calls} single points, {labeller.failed} skipped (SCF not converged); "
+        f"tblite {version('tblite')}; {time.time() - t0:.0f} s"
+    )
+    meta = dict(vars(args), out=str(args.out), failed=labeller.failed, counts={p: c for p, (_, c) in files.items()})
+    print(json.dumps(dict(meta, **extra)))
+    return 0
+
+
+def write_atomic(path: Path, configs) -> None:
+    """Extended XYZ through a temporary file, so ``path`` is never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".xyz.tmp")
+    write(tmp, configs, format="extxyz")
+    os.replace(tmp, path)
+
+
+def free_space(args, rng, labeller, ap):
+    """The GFN2-xTB cluster files; returns ({part: (path, count)}, {})."""
     sizes = {
         "train": [int(s) for s in args.train_sizes.split(",") if s],
         "heldout": [int(s) for s in args.heldout_sizes.split(",") if s],
@@ -217,7 +387,6 @@ def main(argv=None):
     overlap = set(sizes["train"]) & set(sizes["heldout"])
     if overlap:
         ap.error(f"sizes {sorted(overlap)} are both in training and held out")
-    t0 = time.time()
     files = {}
     for part in ("train", "heldout"):
         configs = []
@@ -232,23 +401,53 @@ def main(argv=None):
                 new = water_configurations(m, args, rng, labeller)
                 configs += new
                 print(f"water x{m}: {len(new):3d} configurations ({time.time() - t:.0f} s)", flush=True)
-        args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"xtb-{part}.xyz"
-        tmp = path.with_suffix(".xyz.tmp")
-        write(tmp, configs, format="extxyz")
-        os.replace(tmp, path)
+        write_atomic(path, configs)
         files[part] = (path, len(configs))
-    from importlib.metadata import version
+    return files, {}
 
-    for part, (path, count) in files.items():
-        print(f"wrote {path} ({count} configurations, {path.stat().st_size / 1e6:.2f} MB)")
-    print(
-        f"{labeller.calls} single points, {labeller.failed} skipped (SCF not converged); "
-        f"tblite {version('tblite')}; {time.time() - t0:.0f} s"
-    )
-    meta = dict(vars(args), out=str(args.out), failed=labeller.failed, counts={p: c for p, (_, c) in files.items()})
-    print(json.dumps(meta))
-    return 0
+
+def periodic(args, rng, labeller):
+    """The GFN1-xTB periodic files; returns ({part: (path, count)}, {"stress_fd_error": {system:
+    largest |REF_stress - finite difference| in eV/Å³}})."""
+
+    def crystal(formula, a, repeat, system):
+        return lambda: crystal_configurations(rocksalt_cell(formula, a, repeat), system, args, rng, labeller)
+
+    jobs = {
+        "train": [crystal("NaCl", NACL_A, (1, 1, 1), "nacl"), crystal("NaCl", NACL_A, (2, 1, 1), "nacl"),
+                  crystal("MgO", MGO_A, (1, 1, 1), "mgo")]
+        + [lambda: water_box_configurations(args, rng, labeller)] * args.water_boxes,
+        "heldout": [crystal("NaCl", NACL_A, (2, 2, 2), "nacl")],
+    }
+    files, written = {}, {}
+    for part, makers in jobs.items():
+        configs = []
+        for make in makers:
+            t = time.time()
+            new = make()
+            configs += new
+            if new:
+                print(f"{new[0].info['system']} {new[0].info['n_atoms']} atoms: {len(new):3d} configurations "
+                      f"({time.time() - t:.0f} s)", flush=True)
+        path = args.out / f"xtb-periodic-{part}.xyz"
+        write_atomic(path, configs)
+        files[part], written[part] = (path, len(configs)), configs
+    return files, {"stress_fd_error": stress_checks(written["train"], args.fd_strain)}
+
+
+def stress_checks(configs, step: float) -> dict:
+    """``stress_fd_error`` of the first strained cell (water: the relaxed box) of each system."""
+    checked = {}
+    for c in configs:
+        if c.info["config_type"] in ("strain", "relaxed"):
+            checked.setdefault(c.info["system"], c)
+    errors = {}
+    for system, c in checked.items():
+        errors[system] = stress_fd_error(c, step)
+        print(f"stress check {system} ({c.info['n_atoms']} atoms): max |REF_stress - FD| = {errors[system]:.1e} "
+              f"eV/Å³ (max |REF_stress| {np.max(np.abs(c.info['REF_stress'])):.1e})", flush=True)
+    return errors
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Reference data as arrays, and batches of structures of different sizes for fitting.
 
-Units: positions Å, energies eV, forces eV/Å, charges e, dipoles e·Å.
+Units: positions and cells Å, energies eV, forces eV/Å, charges e, dipoles e·Å, stress eV/Å³
+(ASE's Voigt order xx, yy, zz, yz, xz, xy and sign: positive when the cell wants to shrink).
 
-A :class:`Dataset` is a host-side (NumPy) list of :class:`Configuration` s, each with whatever
-reference properties it has (``None`` = not given). Fitting works on :class:`Batch` es: every
-structure is padded to its size bucket (``system.size_bucket``), structures of one bucket are
-stacked ``batch_size`` at a time, and a batch that is not full is topped up with copies of one of
-its structures at weight zero. So every batch of a bucket has one shape, and a fit compiles its
-step once per bucket, never once per structure.
+A :class:`Dataset` is a host-side (NumPy) list of :class:`Configuration` s, free-space or
+periodic, each with whatever reference properties it has (``None`` = not given). Fitting works on
+:class:`Batch` es: every structure is padded to its size bucket (``system.size_bucket``);
+structures of one *group* (one bucket, one set of periodic directions and, for periodic cells,
+one shape of their neighbours: ``neighbors.stackable``) are stacked ``batch_size`` at a time, and
+a batch that is not full is topped up with copies of one of its structures at weight zero. So
+every batch of a group has one shape, and a fit compiles its step once per group, never once per
+structure. The neighbours of a periodic structure are built once, when it is first batched, and
+reused for the whole fit.
 
 The order of the batches of an epoch is a pure function of ``(seed, epoch)``
 (:func:`epoch_plan`), which is what lets a fit stop and resume exactly.
@@ -25,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import QEqInputError
+from .periodic import check_cell
 from .system import System, make_system, size_bucket
 
-PROPERTIES = ("energy", "forces", "charges", "dipole")
+PROPERTIES = ("energy", "forces", "charges", "dipole", "stress")
 
 
 class Configuration(NamedTuple):
@@ -42,16 +47,32 @@ class Configuration(NamedTuple):
     charges: np.ndarray | None = None  # (n,) e
     dipole: np.ndarray | None = None  # (3,) e·Å
     source: str = ""
+    cell: np.ndarray | None = None  # (3, 3) Å, rows a, b, c
+    pbc: tuple = (False, False, False)
+    stress: np.ndarray | None = None  # (6,) eV/Å³, Voigt
 
     @property
     def n_atoms(self) -> int:
         return int(self.positions.shape[0])
 
+    @property
+    def periodic(self) -> bool:
+        return any(self.pbc)
+
 
 def _check_configuration(c: Configuration) -> None:
     n = c.n_atoms
     where = f" ({c.source})" if c.source else ""
-    shapes = {"forces": (n, 3), "charges": (n,), "dipole": (3,)}
+    try:
+        check_cell(c.cell, c.pbc)
+    except QEqInputError as error:
+        raise QEqInputError(f"{c.source or 'a configuration'}: {error}") from None
+    if c.stress is not None and not all(c.pbc):
+        raise QEqInputError(
+            f"{c.source or 'a configuration'} has a reference stress but is not periodic in all three directions "
+            f"(pbc = {list(c.pbc)}): stress is defined for bulk cells only"
+        )
+    shapes = {"forces": (n, 3), "charges": (n,), "dipole": (3,), "stress": (6,)}
     for key, shape in shapes.items():
         value = getattr(c, key)
         if value is not None and np.shape(value) != shape:
@@ -62,7 +83,8 @@ def _check_configuration(c: Configuration) -> None:
 
 def is_finite(c: Configuration) -> bool:
     """True when the positions and every given reference value are finite."""
-    values = [c.positions, c.total_charge] + [getattr(c, k) for k in PROPERTIES if getattr(c, k) is not None]
+    given = [getattr(c, k) for k in PROPERTIES if getattr(c, k) is not None]
+    values = [c.positions, c.total_charge] + given + ([] if c.cell is None else [c.cell])
     return all(np.all(np.isfinite(np.asarray(v, dtype=float))) for v in values)
 
 
@@ -118,9 +140,24 @@ class Dataset:
         """A hash of the data (geometry, species and references), to check a resume uses the same."""
         h = hashlib.sha256(json.dumps(self.elements).encode())
         for c in self.configurations:
-            for v in (c.positions, c.species, c.total_charge) + tuple(getattr(c, k) for k in PROPERTIES):
-                h.update(b"-" if v is None else np.ascontiguousarray(np.asarray(v, dtype=float)).tobytes())
+            for v in (c.positions, c.species, c.total_charge, c.cell, c.pbc) + tuple(getattr(c, k) for k in PROPERTIES):
+                _update(h, v)
         return h.hexdigest()[:16]
+
+    def structures_fingerprint(self) -> str:
+        """A hash of the structures alone: element symbols, positions, cells and periodic
+        directions, in order. It does not depend on the element list's order or the references,
+        so any parameter set reads the same data to the same fingerprint."""
+        h = hashlib.sha256()
+        for c in self.configurations:
+            h.update(" ".join(self.elements[int(s)] for s in c.species).encode())
+            for v in (c.positions, c.cell, c.pbc):
+                _update(h, v)
+        return h.hexdigest()[:16]
+
+
+def _update(h, value) -> None:
+    h.update(b"-" if value is None else np.ascontiguousarray(np.asarray(value, dtype=float)).tobytes())
 
 
 def concatenate(datasets: Sequence[Dataset]) -> Dataset:
@@ -146,20 +183,25 @@ def split_indices(n: int, fraction: float, seed: int = 0) -> tuple[list[int], li
 # --- batches ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """B structures padded to one size N. ``system`` is a ``System`` with a leading batch axis;
-    the references are zero where absent and their ``has_*`` flags (B,) are 0; ``weight`` (B,) is
-    0 for filler structures; ``counts`` (B, n_elements) atoms per element (energy offsets);
+    """B structures padded to one size N. ``system`` is a ``System`` with a leading batch axis
+    (with cells (B, 3, 3) for periodic structures); ``neighbors`` the stacked
+    ``neighbors.Neighbors`` of periodic structures (None in free space); the references are zero
+    where absent and their ``has_*`` flags (B,) are 0; ``stress`` (B, 6) eV/Å³ Voigt; ``weight``
+    (B,) is 0 for filler structures; ``counts`` (B, n_elements) atoms per element (energy offsets);
     ``n_atoms`` (B,) real atoms."""
 
     system: System
+    neighbors: object
     energy: jax.Array
     forces: jax.Array
     charges: jax.Array
     dipole: jax.Array
+    stress: jax.Array
     has_energy: jax.Array
     has_forces: jax.Array
     has_charges: jax.Array
     has_dipole: jax.Array
+    has_stress: jax.Array
     weight: jax.Array
     counts: jax.Array
     n_atoms: jax.Array
@@ -191,126 +233,145 @@ def bucket_of(n_atoms: int, min_size: int = 0) -> int:
 
 
 def plan_batches(
-    dataset: Dataset, batch_size: int, order: Sequence[int] | None = None, min_size: int = 0
+    dataset: Dataset, batch_size: int, order: Sequence[int] | None = None, min_size: int = 0, group=None
 ) -> list[BatchPlan]:
-    """Group the configurations (in ``order``, default dataset order) by size bucket and cut each
-    group into chunks of at most ``batch_size``. Buckets come in increasing size."""
+    """Group the configurations (in ``order``, default dataset order) by ``group(i)`` (default:
+    the size bucket) and cut each group into chunks of at most ``batch_size``. Groups come in
+    increasing size bucket."""
     if batch_size < 1:
         raise QEqInputError(f"batch size must be a positive integer, got {batch_size}")
     order = range(len(dataset)) if order is None else order
-    groups: dict[int, list[int]] = {}
+    group = group or (lambda i: (bucket_of(dataset[i].n_atoms, min_size),))
+    groups: dict[tuple, list[int]] = {}
     for i in order:
-        groups.setdefault(bucket_of(dataset[int(i)].n_atoms, min_size), []).append(int(i))
+        groups.setdefault(group(int(i)), []).append(int(i))
     plans = []
-    for bucket in sorted(groups):
-        idx = groups[bucket]
-        plans += [BatchPlan(bucket, tuple(idx[k : k + batch_size])) for k in range(0, len(idx), batch_size)]
+    for key in sorted(groups, key=lambda k: (k[0], repr(k))):
+        idx = groups[key]
+        plans += [BatchPlan(key[0], tuple(idx[k : k + batch_size])) for k in range(0, len(idx), batch_size)]
     return plans
 
 
 def epoch_plan(
-    dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: bool = True, min_size: int = 0
+    dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: bool = True, min_size: int = 0, group=None
 ) -> list[BatchPlan]:
-    """The batches of one epoch: configurations shuffled by ``(seed, epoch)``, grouped by bucket,
-    and the batches themselves shuffled. Deterministic, so a resumed fit sees the same order."""
+    """The batches of one epoch: configurations shuffled by ``(seed, epoch)``, grouped, and the
+    batches themselves shuffled. Deterministic, so a resumed fit sees the same order."""
     if not shuffle:
-        return plan_batches(dataset, batch_size, min_size=min_size)
+        return plan_batches(dataset, batch_size, min_size=min_size, group=group)
     rng = np.random.default_rng([int(seed), int(epoch)])
-    plans = plan_batches(dataset, batch_size, rng.permutation(len(dataset)), min_size)
+    plans = plan_batches(dataset, batch_size, rng.permutation(len(dataset)), min_size, group)
     return [plans[k] for k in rng.permutation(len(plans))]
+
+
+def _references(c: Configuration, bucket: int, n_elements: int) -> dict:
+    """The reference arrays of a configuration padded to ``bucket`` atoms, and their flags."""
+    n = c.n_atoms
+    f, q = np.zeros((bucket, 3)), np.zeros(bucket)
+    if c.forces is not None:
+        f[:n] = c.forces
+    if c.charges is not None:
+        q[:n] = c.charges
+    counts = np.zeros(n_elements)
+    np.add.at(counts, c.species, 1.0)
+    out = dict(forces=f, charges=q, counts=counts, n_atoms=float(n),
+               energy=0.0 if c.energy is None else float(c.energy),
+               dipole=np.zeros(3) if c.dipole is None else np.asarray(c.dipole, float),
+               stress=np.zeros(6) if c.stress is None else np.asarray(c.stress, float))  # fmt: skip
+    out.update({f"has_{k}": float(getattr(c, k) is not None) for k in PROPERTIES})
+    return out
 
 
 class Batcher:
     """Builds :class:`Batch` es of ``dataset`` with a fixed ``batch_size`` (rounded up to a
-    multiple of ``multiple_of``, e.g. the number of devices), caching each padded structure.
-    ``min_size``: pad every structure to at least this many atoms (see :func:`bucket_of`)."""
+    multiple of ``multiple_of``, e.g. the number of devices), caching each padded structure and
+    its neighbours. ``min_size``: pad every structure to at least this many atoms (see
+    :func:`bucket_of`). ``neighbors``: ``system -> neighbors.Neighbors`` for the periodic
+    structures (host; e.g. ``model.neighbors`` made ``neighbors.stackable``); needed when the data
+    hold any."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, multiple_of: int = 1, dtype=None, min_size: int = 0):
+    def __init__(self, dataset: Dataset, batch_size: int, multiple_of: int = 1, dtype=None, min_size: int = 0,
+                 neighbors=None):  # fmt: skip
         self.dataset = dataset
         self.min_size = int(min_size)
         self.batch_size = int(-(-int(batch_size) // multiple_of) * multiple_of)
         self.dtype = dtype or jnp.asarray(0.0).dtype
+        self.neighbors = neighbors
         self._cache: dict[int, dict] = {}
         self._n_el = len(dataset.elements)
 
     def _padded(self, i: int) -> dict:
         if i not in self._cache:
             c = self.dataset[i]
-            n, bucket = c.n_atoms, bucket_of(c.n_atoms, self.min_size)
-            s = make_system(c.positions, c.species, total_charge=c.total_charge, pad_to=bucket, dtype=self.dtype)
-            f = np.zeros((bucket, 3))
-            q = np.zeros(bucket)
-            if c.forces is not None:
-                f[:n] = c.forces
-            if c.charges is not None:
-                q[:n] = c.charges
-            counts = np.zeros(self._n_el)
-            np.add.at(counts, c.species, 1.0)
-            self._cache[i] = dict(
-                positions=np.asarray(s.positions),
-                species=np.asarray(s.species),
-                fragments=np.asarray(s.fragments),
-                fragment_charges=np.asarray(s.fragment_charges),
-                energy=0.0 if c.energy is None else float(c.energy),
-                forces=f,
-                charges=q,
-                dipole=np.zeros(3) if c.dipole is None else np.asarray(c.dipole, float),
-                has_energy=float(c.energy is not None),
-                has_forces=float(c.forces is not None),
-                has_charges=float(c.charges is not None),
-                has_dipole=float(c.dipole is not None),
-                counts=counts,
-                n_atoms=float(n),
-            )
+            bucket = bucket_of(c.n_atoms, self.min_size)
+            s = make_system(c.positions, c.species, total_charge=c.total_charge, pad_to=bucket, dtype=self.dtype,
+                            cell=c.cell, pbc=c.pbc)  # fmt: skip
+            nbrs = self._neighbors(s, c) if c.periodic else None
+            leaves = jax.tree_util.tree_leaves(nbrs)
+            group = (bucket, c.pbc, jax.tree_util.tree_structure(nbrs), tuple(np.shape(x) for x in leaves))
+            self._cache[i] = dict(system=jax.tree_util.tree_map(np.asarray, s), neighbors=nbrs, group=group,
+                                  **_references(c, bucket, self._n_el))  # fmt: skip
         return self._cache[i]
+
+    def _neighbors(self, system, c: Configuration):
+        if self.neighbors is None:
+            raise QEqInputError(f"{c.source or 'a periodic configuration'}: periodic structures need a Batcher with neighbors")
+        try:
+            return self.neighbors(system)
+        except QEqInputError as error:
+            raise QEqInputError(f"{c.source or 'a periodic configuration'}: {error}") from None
+
+    def group(self, i: int) -> tuple:
+        """The batching group of configuration ``i``: its size bucket, periodic directions and the
+        shape of its neighbours (structures of one group stack into one batch)."""
+        return self._padded(int(i))["group"]
+
+    def plans(self, order: Sequence[int] | None = None) -> list[BatchPlan]:
+        """:func:`plan_batches` of the data set with this batcher's groups."""
+        return plan_batches(self.dataset, self.batch_size, order, self.min_size, self.group)
+
+    def epoch_plan(self, seed: int, epoch: int, shuffle: bool = True) -> list[BatchPlan]:
+        """:func:`epoch_plan` of the data set with this batcher's groups."""
+        return epoch_plan(self.dataset, self.batch_size, seed, epoch, shuffle, self.min_size, self.group)
 
     def batch(self, plan: BatchPlan) -> Batch:
         """Stack the plan's structures, topped up to ``batch_size`` with weight-zero fillers."""
         if len(plan.indices) > self.batch_size:
             raise QEqInputError(f"a plan of {len(plan.indices)} structures exceeds the batch size {self.batch_size}")
         items = [self._padded(i) for i in plan.indices]
+        if len({it["group"] for it in items}) > 1:
+            raise QEqInputError("a batch mixes structures of different groups (size, periodicity or neighbour shape)")
         weight = [1.0] * len(items) + [0.0] * (self.batch_size - len(items))
         items += [items[0]] * (self.batch_size - len(items))
 
         def stack(key, dtype=None):
             return jnp.asarray(np.stack([np.asarray(it[key]) for it in items]), dtype=dtype or self.dtype)
 
-        system = System(
-            positions=stack("positions"),
-            species=stack("species", jnp.int32),
-            fragments=stack("fragments", jnp.int32),
-            fragment_charges=stack("fragment_charges"),
-        )
-        return Batch(
-            system=system,
-            energy=stack("energy"),
-            forces=stack("forces"),
-            charges=stack("charges"),
-            dipole=stack("dipole"),
-            has_energy=stack("has_energy"),
-            has_forces=stack("has_forces"),
-            has_charges=stack("has_charges"),
-            has_dipole=stack("has_dipole"),
-            weight=jnp.asarray(weight, dtype=self.dtype),
-            counts=stack("counts"),
-            n_atoms=stack("n_atoms"),
-        )
+        def stack_tree(key):
+            return jax.tree_util.tree_map(lambda *x: jnp.asarray(np.stack([np.asarray(v) for v in x])),
+                                          *[it[key] for it in items])  # fmt: skip
+
+        keys = [f.name for f in dataclasses.fields(Batch) if f.name not in ("system", "neighbors", "weight")]
+        return Batch(system=stack_tree("system"), neighbors=stack_tree("neighbors"),
+                     weight=jnp.asarray(weight, dtype=self.dtype), **{k: stack(k) for k in keys})  # fmt: skip
 
     def all_batches(self) -> list[Batch]:
-        """Every configuration once, in bucket order (for evaluation and full-batch optimisers)."""
-        return [self.batch(p) for p in plan_batches(self.dataset, self.batch_size, min_size=self.min_size)]
+        """Every configuration once, in group order (for evaluation and full-batch optimisers)."""
+        return [self.batch(p) for p in self.plans()]
 
 
 def persisted_split(path, dataset: Dataset, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """The train/validation split of ``dataset`` stored at ``path`` (JSON), made by
-    :func:`split_indices` and written atomically the first time. A stored split of other data or
-    another fraction/seed is an error (remove the file to draw a new one)."""
+    :func:`split_indices` and written atomically the first time. The split belongs to the
+    structures (``Dataset.structures_fingerprint``), so fits of the same data from any start set
+    or with other reference keys reuse it. A stored split of other structures or another
+    fraction/seed is an error (remove the file to draw a new one)."""
     from pathlib import Path
 
     from .params import write_atomic
 
     path = Path(path)
-    key = dict(fingerprint=dataset.fingerprint(), n=len(dataset), fraction=float(fraction), seed=int(seed))
+    key = dict(structures=dataset.structures_fingerprint(), n=len(dataset), fraction=float(fraction), seed=int(seed))
     if path.exists():
         try:
             stored = json.loads(path.read_text())

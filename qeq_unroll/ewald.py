@@ -169,12 +169,15 @@ def self_term(alpha):
 
 def reciprocal_factor(positions, cell, reciprocal, mask, coulomb_constant):
     """U (N, 2K) with U Uᵀ = k_e (4π/V) Σ_{k≠0} cos(k·r_ij) exp(−k²/4α²)/k² (eV/e²), zero rows on
-    padding: the reciprocal part of H, kept low-rank (matrix-free, O(N K))."""
+    padding atoms and zero columns for the Miller index (0, 0, 0): the reciprocal part of H, kept
+    low-rank (matrix-free, O(N K))."""
     k = kvectors(cell, reciprocal.miller)
     k2 = jnp.sum(k * k, axis=1)
+    used = k2 > 0  # Miller index (0, 0, 0) pads a plan to a common length (neighbors.stackable)
+    k2 = jnp.where(used, k2, 1.0)
     weight = 2.0 * 4.0 * math.pi * coulomb_constant / volume(cell) * jnp.exp(-k2 / (4 * reciprocal.alpha**2)) / k2
     phase = positions @ k.T
-    scale = jnp.sqrt(weight)[None, :]
+    scale = jnp.where(used, jnp.sqrt(weight), 0.0)[None, :]
     factor = jnp.concatenate([jnp.cos(phase) * scale, jnp.sin(phase) * scale], axis=1)
     return jnp.where(mask[:, None], factor, 0.0)
 

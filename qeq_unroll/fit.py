@@ -1,18 +1,19 @@
 """Fitting the parameters to reference energies, forces, charges and dipoles, through the solver.
 
-Units: energies eV, forces eV/Å, charges e, dipoles e·Å; metrics report the energy per atom in
-meV/atom.
+Units: energies eV, forces eV/Å, charges e, dipoles e·Å, stress eV/Å³ (Voigt; metrics in GPa);
+metrics report the energy per atom in meV/atom.
 
-The model is the one energy function (``energy.qeq_energy``): predictions come from
-``energy_and_forces(energy)`` mapped over a batch, so the forces in the loss are the derivative of
-the energy the model reports, and parameter gradients of a force loss are second derivatives
-through the charge solver (``unrolled`` or ``implicit`` gradient mode; ``envelope`` gives wrong
+The data may mix free-space clusters and periodic cells (``dataset``): periodic structures carry
+their neighbours (built once, ``batcher_for``) and their stress. The model is the one energy
+function (``energy.qeq_energy``): predictions come from ``loss.predict`` mapped over a batch, so
+the forces and stress in the loss are derivatives of the energy the model reports, and parameter
+gradients of a force loss are second derivatives through the charge solver (``unrolled`` or ``implicit`` gradient mode; ``envelope`` gives wrong
 parameter gradients, see the tests).
 
 Loss of a batch (means over the structures/atoms/components that have the reference)::
 
     w_E <((E + Σ_e n_e b_e − E_ref) / N)²> + w_F <(F − F_ref)²> + w_q <(q − q_ref)²>
-    + w_μ <(μ − μ_ref)²> + w_pull Σ ((θ − θ₀)/s)²
+    + w_μ <(μ − μ_ref)²> + w_σ <(σ − σ_ref)²> + w_pull Σ ((θ − θ₀)/s)²
 
 with per-element energy offsets b_e (fitted; reference energies with any zero work), and the pull
 toward the start θ₀ measured in the raw coordinates below (s = 1 for logarithms, max(|x₀|, 1)
@@ -51,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .dataset import Batch, Batcher, BatchPlan, Dataset, epoch_plan, plan_batches
-from .energy import energy_and_forces
+from .dataset import Batch, Batcher, BatchPlan, Dataset
+from .neighbors import stackable
 from .errors import QEqInputError, require_positive_integers
 from .loss import (  # noqa: F401  (re-exported: the fitting API in one place)
     TERMS,
@@ -62,7 +63,6 @@ from .loss import (  # noqa: F401  (re-exported: the fitting API in one place)
     loss_from_sums,
     metrics_from_sums,
     predict,
-    sequential,
     sums_of_errors,
 )
 from .parametrisation import (  # noqa: F401  (re-exported)
@@ -85,7 +85,7 @@ class FitConfig:
     """What is trained and how.
 
     train: groups of ``GROUPS``. weights: loss weights of ``TERMS`` (energy per atom in
-    (eV/atom)⁻², forces (eV/Å)⁻², charges e⁻², dipole (e·Å)⁻²). pull: weight of the pull toward the
+    (eV/atom)⁻², forces (eV/Å)⁻², charges e⁻², dipole (e·Å)⁻², stress (eV/Å³)⁻²). pull: weight of the pull toward the
     start. optimizer: "adam" | "lbfgs" (full batch, one iteration per epoch). learning_rate: Adam's
     peak rate in raw coordinates (ignored by L-BFGS, which line-searches). schedule: "cosine"
     (decay to ``final_lr_fraction`` over the fit) | "constant". clip_norm: global gradient-norm
@@ -99,7 +99,7 @@ class FitConfig:
 
     train: tuple[str, ...] = ("chi", "hardness", "sigma", "pairs")
     weights: Mapping[str, float] = dataclasses.field(
-        default_factory=lambda: {"energy": 1.0, "forces": 1.0, "charges": 0.0, "dipole": 0.0}
+        default_factory=lambda: {"energy": 1.0, "forces": 1.0, "charges": 0.0, "dipole": 0.0, "stress": 0.0}
     )
     pull: float = 0.0
     optimizer: str = "adam"
@@ -144,7 +144,9 @@ class FitResult:
     """params: the fitted set (the best on validation when there is one). offsets: per-element
     energy offsets in eV. history: one record per epoch (the log's lines). best_epoch: epoch of
     the returned parameters. steps: optimiser steps taken. stopped_early: early stopping fired.
-    initial: metrics of the start (with least-squares energy offsets) on ``train``/``validation``."""
+    initial: metrics of the start (with least-squares energy offsets) on ``train``/``validation``.
+    warnings: fitted values outside a plausible range or far from the start
+    (:func:`implausible`), in words."""
 
     params: Params
     offsets: dict
@@ -153,6 +155,7 @@ class FitResult:
     steps: int
     stopped_early: bool
     initial: dict = dataclasses.field(default_factory=dict)
+    warnings: list = dataclasses.field(default_factory=list)
 
 
 class FitInterrupted(Exception):
@@ -184,23 +187,21 @@ class StepSpec:
     def loss(self, raw, anchor, raw0, batch):
         """(loss, sums) of one batch at raw coordinates ``raw``."""
         params = self.par.params(raw, anchor)
-        sums = batch_sums(energy_and_forces(self.energy), params, raw["offsets"], batch, sequential(self.energy))
+        sums = batch_sums(self.energy, params, raw["offsets"], batch)
         return self._total(sums, raw, raw0), sums
 
     def full_loss(self, raw, anchor, raw0, stacks):
         """(loss, sums) over a whole data set: ``stacks`` holds the batches of each size bucket
         stacked along a leading axis and scanned, so the program holds one copy per bucket."""
         params = self.par.params(raw, anchor)
-        evaluate = energy_and_forces(self.energy)
-        one = sequential(self.energy)
         sums = None
         for stack in stacks:
             first = jax.tree_util.tree_map(lambda x: x[0], stack)
-            acc = batch_sums(evaluate, params, raw["offsets"], first, one)
+            acc = batch_sums(self.energy, params, raw["offsets"], first)
             if stack.weight.shape[0] > 1:
 
                 def body(acc, b):
-                    return add_sums(acc, batch_sums(evaluate, params, raw["offsets"], b, one)), None
+                    return add_sums(acc, batch_sums(self.energy, params, raw["offsets"], b)), None
 
                 acc, _ = jax.lax.scan(body, acc, jax.tree_util.tree_map(lambda x: x[1:], stack))
             sums = acc if sums is None else add_sums(sums, acc)
@@ -236,7 +237,7 @@ def _lbfgs_step(spec: StepSpec, raw, opt_state, anchor, raw0, stacks):
 @functools.partial(jax.jit, static_argnums=0)
 def _param_sums(energy, params, offsets, batch):
     """(sums of errors, predicted energies) of a batch for plain ``Params``."""
-    p = predict(energy_and_forces(energy), params, offsets, batch, sequential(energy))
+    p = predict(energy, params, offsets, batch)
     return sums_of_errors(p, batch), p["energy"]
 
 
@@ -244,7 +245,7 @@ def _param_sums(energy, params, offsets, batch):
 def _raw_sums(energy, par, raw, anchor, batch):
     """(sums of errors, predicted energies) of a batch: one compiled evaluation serves the
     metrics and the least-squares start of the energy offsets."""
-    p = predict(energy_and_forces(energy), par.params(raw, anchor), raw["offsets"], batch, sequential(energy))
+    p = predict(energy, par.params(raw, anchor), raw["offsets"], batch)
     return sums_of_errors(p, batch), p["energy"]
 
 
@@ -294,14 +295,13 @@ class Fitter:
         return jax.device_put(batch, jax.sharding.NamedSharding(self.mesh, spec))
 
     def stacks(self, batches: Sequence[Batch]) -> list[Batch]:
-        """The batches grouped by padded size and stacked along a new leading axis (placed)."""
-        groups: dict[int, list[Batch]] = {}
+        """The batches grouped by shape (size, periodicity, neighbours) and stacked along a new
+        leading axis (placed)."""
+        groups: dict[tuple, list[Batch]] = {}
         for b in batches:
-            groups.setdefault(int(b.system.positions.shape[1]), []).append(b)
-        return [
-            self.shard(jax.tree_util.tree_map(lambda *x: jnp.stack(x), *groups[n]), stacked=True)
-            for n in sorted(groups)
-        ]
+            key = (jax.tree_util.tree_structure(b), tuple(np.shape(x) for x in jax.tree_util.tree_leaves(b)))
+            groups.setdefault(key, []).append(b)
+        return [self.shard(jax.tree_util.tree_map(lambda *x: jnp.stack(x), *group), stacked=True) for group in groups.values()]
 
     def learning_rate(self, step: int) -> float | None:
         """Adam's learning rate at optimiser step ``step`` (None for L-BFGS)."""
@@ -361,6 +361,17 @@ def _offsets(batches, model_energies) -> np.ndarray:
 
 def _initial_offsets(fitter: Fitter, raw, batcher: Batcher) -> np.ndarray:
     return _offsets(batcher.all_batches(), lambda b: jax.device_get(fitter.sums(raw, fitter.shard(b))[1]))
+
+
+def batcher_for(dataset: Dataset, model, params: Params, batch_size: int, devices: int = 1, min_bucket: int = 0) -> Batcher:
+    """The :class:`Batcher` of a fit: periodic structures get the dense all-images layout (exact
+    for their cell, nothing to outgrow) made ``neighbors.stackable``, built once per structure
+    with the Ewald plan of the start ``params``."""
+
+    def neighbors(system):
+        return stackable(model.neighbors(system, params, layout="images"))
+
+    return Batcher(dataset, batch_size, multiple_of=devices, min_size=min_bucket, neighbors=neighbors)
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -568,14 +579,14 @@ def _setup(params, train, energy, config, validation) -> _Run:
     distances = pair_reference_distances(train)
     par = make_parametrisation(params, config.train, train.species_present(), gauge, distances)
     anchor = par.anchor(params, distances)
-    batcher = Batcher(train, config.batch_size, multiple_of=config.devices, min_size=config.min_bucket)
+    batcher = batcher_for(train, energy, params, config.batch_size, config.devices, config.min_bucket)
     lbfgs = config.optimizer == "lbfgs"
-    steps_per_epoch = 1 if lbfgs else len(plan_batches(train, batcher.batch_size, min_size=config.min_bucket))
+    steps_per_epoch = 1 if lbfgs else len(batcher.plans())
     steps_total = config.epochs * steps_per_epoch
     fitter = Fitter(energy, par, anchor, config, steps_total)
     val_eval = []
     if validation is not None:
-        val_batcher = Batcher(validation, config.batch_size, multiple_of=config.devices, min_size=config.min_bucket)
+        val_batcher = batcher_for(validation, energy, params, config.batch_size, config.devices, config.min_bucket)
         val_eval = [fitter.shard(b) for b in val_batcher.all_batches()]
     return _Run(
         params, train, validation, energy, config, par, anchor, batcher, fitter,
@@ -592,7 +603,7 @@ def _epoch_steps(run: _Run, state: FitState, after_step: Callable[[float], None]
     one full-batch iteration (L-BFGS); ``after_step(loss)`` after each."""
     fitter = run.fitter
     if state.order is None:
-        plans = epoch_plan(run.train, run.batcher.batch_size, run.config.seed, state.epoch, min_size=run.config.min_bucket)
+        plans = run.batcher.epoch_plan(run.config.seed, state.epoch)
         state.order = [(p.bucket, p.indices) for p in plans]
     length = 1 if run.lbfgs else len(state.order)
     while state.position < length:
@@ -647,17 +658,55 @@ def _progress_bar(run: _Run, state: FitState):
     return tqdm(total=run.steps_total, initial=state.step, unit="step", desc="fit", dynamic_ncols=True)
 
 
+#: Plausible ranges of the element parameters (χ eV, J eV, σ Å, γ 1/Å, R Å) and of the pair
+#: coefficients (A eV, ρ Å, C eV·Å⁶, D eV, a 1/Å, r0 Å): wide bounds around the values of
+#: published QEq and ReaxFF sets and of Born–Mayer/Buckingham fits of ionic solids; a fitted
+#: value outside them is reported, not changed.
+PLAUSIBLE = {
+    "chi": (-10.0, 30.0), "hardness": (0.5, 50.0), "sigma": (0.1, 5.0), "gamma": (0.05, 5.0), "radius": (0.1, 5.0),
+    "A": (0.0, 1.0e5), "rho": (0.05, 1.5), "C": (0.0, 1.0e4), "D": (0.0, 50.0), "a": (0.1, 10.0), "r0": (0.3, 6.0),
+}  # fmt: skip
+#: A positive fitted value more than this factor from its start (χ, C: this many eV / eV·Å⁶ away) has
+#: run away during the fit.
+RUNAWAY = 10.0
+
+
+def implausible(start: Params, fitted: Params, elements: Sequence[int]) -> list[str]:
+    """Messages naming each fitted value (of ``elements``, indices) outside :data:`PLAUSIBLE` or
+    more than :data:`RUNAWAY` from its start (a factor for positive quantities)."""
+    values = []
+    for key in ("chi", "hardness", "sigma", "gamma", "radius"):
+        for i in elements:
+            values.append((f"{key} of {fitted.elements[i]}", key, float(getattr(start, key)[i]), float(getattr(fitted, key)[i])))
+    for pair, forms in fitted.pairs.items():
+        for form, coeffs in forms.items():
+            for c, v in coeffs.items():
+                values.append((f"{form} {c} of {pair}", c, float(start.pairs.get(pair, {}).get(form, {}).get(c, v)), float(v)))
+    out = []
+    for name, key, v0, v in values:
+        if v == v0:
+            continue
+        lo, hi = PLAUSIBLE[key]
+        if not lo <= v <= hi:
+            out.append(f"fitted {name} = {v:.6g} is outside the plausible range [{lo:g}, {hi:g}] (start {v0:.6g})")
+        elif key in ("chi", "C") and abs(v - v0) > RUNAWAY or v0 > 0 and v > 0 and max(v / v0, v0 / v) > RUNAWAY:
+            out.append(f"fitted {name} = {v:.6g} ran far from its start {v0:.6g}")
+    return out
+
+
 def _result(run: _Run, state: FitState) -> FitResult:
     final_raw = state.best_raw if run.val_eval else state.raw
     offsets = np.asarray(jax.device_get(final_raw["offsets"]))
+    fitted = run.fitter.params(final_raw)
     return FitResult(
-        params=fitted_params(run.fitter.params(final_raw), offsets),
+        params=fitted_params(fitted, offsets),
         offsets=offsets_dict(run.params, offsets),
         history=state.history,
         best_epoch=state.best_epoch if run.val_eval else state.epoch - 1,
         steps=state.step,
         stopped_early=state.stopped_early,
         initial=state.initial,
+        warnings=implausible(run.params, fitted, run.train.species_present()),
     )
 
 
@@ -727,7 +776,7 @@ def fit_offsets(params: Params, dataset: Dataset, energy: Callable, batch_size: 
     """Per-element energy offsets (eV, ``{element: b}``) that best align the model energies of
     ``params`` with the reference energies of ``dataset`` (least squares per atom)."""
     zero = jnp.zeros(len(params.elements), params.chi.dtype)
-    batches = Batcher(dataset, batch_size).all_batches()
+    batches = batcher_for(dataset, energy, params, batch_size).all_batches()
     return offsets_dict(params, _offsets(batches, lambda b: _param_sums(energy, params, zero, b)[1]))
 
 
@@ -738,7 +787,7 @@ def evaluate(params: Params, dataset: Dataset, energy: Callable, offsets=None, b
     if tuple(dataset.elements) != tuple(params.elements):
         raise QEqInputError(f"the data are indexed by elements {dataset.elements}, the parameters by {params.elements}")
     params.require(energy.kernel.required, dataset.species_present())
-    batches = Batcher(dataset, batch_size).all_batches()
+    batches = batcher_for(dataset, energy, params, batch_size).all_batches()
     if offsets is None:
         offsets = fit_offsets(params, dataset, energy, batch_size)
     if isinstance(offsets, Mapping):

@@ -1,9 +1,11 @@
 """Predictions of the model for a batch of structures and the error sums, losses and metrics
-of a fit. Units: energies eV (metrics: meV/atom), forces eV/Å, charges e, dipoles e·Å.
+of a fit. Units: energies eV (metrics: meV/atom), forces eV/Å, charges e, dipoles e·Å, stress
+eV/Å³ in the loss (Voigt components) and GPa in the metrics.
 
-Predictions come from ``energy_and_forces(energy)`` mapped over the batch: the forces are the
-derivative of the energy the model reports, so parameter gradients of a force loss are second
-derivatives through the charge solver.
+Predictions come from ``energy_and_forces(model)`` (free space) or ``energy_forces_stress(model)``
+(periodic batches) mapped over the batch: forces and stress are derivatives of the energy the
+model reports, so parameter gradients of a force or stress loss are second derivatives through
+the charge solver.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .dataset import Batch
-from .energy import dipole_moment
+from .energy import dipole_moment, energy_and_forces, energy_forces_stress
 from .params import Params
 
 #: Terms of the loss, in the order of ``FitConfig.weights``.
-TERMS = ("energy", "forces", "charges", "dipole")
+TERMS = ("energy", "forces", "charges", "dipole", "stress")
+#: GPa per eV/Å³.
+GPA = 160.21766208
 
 
 def sequential(energy) -> bool:
@@ -30,29 +34,51 @@ def sequential(energy) -> bool:
     return hasattr(energy.solver, "iterations") and energy.solver.iterations is None
 
 
-def predict(evaluate: Callable, params: Params, offsets, batch: Batch, one_by_one: bool = False) -> dict:
+def _evaluate(model) -> Callable:
+    """``f(params, system, neighbors) -> (E, forces, stress (6,) Voigt eV/Å³ or zeros, aux)``."""
+    with_stress = energy_forces_stress(model)
+    without = energy_and_forces(model)
+
+    def evaluate(params, system, neighbors):
+        if system.cell is not None and all(system.pbc):
+            e, f, stress, aux = with_stress(params, system, neighbors)
+            return e, f, stress[VOIGT], aux
+        e, f, aux = without(params, system, neighbors)
+        return e, f, jnp.zeros(6, f.dtype), aux
+
+    return evaluate
+
+
+#: (row, column) of the Voigt components xx, yy, zz, yz, xz, xy.
+VOIGT = (jnp.array([0, 1, 2, 1, 0, 0]), jnp.array([0, 1, 2, 2, 2, 1]))
+
+
+def predict(model, params: Params, offsets, batch: Batch) -> dict:
     """Model predictions for a batch: ``energy`` (B,) eV including the offsets, ``forces``
-    (B, N, 3), ``charges`` (B, N), ``dipole`` (B, 3), and the solver diagnostics.
-    ``evaluate`` is ``energy_and_forces(energy)``; ``one_by_one``: see :func:`sequential`."""
-    if one_by_one:
-        e, f, aux = jax.lax.map(lambda s: evaluate(params, s), batch.system)
+    (B, N, 3), ``charges`` (B, N), ``dipole`` (B, 3), ``stress`` (B, 6) eV/Å³ (zero outside bulk
+    cells) and the solver diagnostics. ``model``: an ``energy.QEqModel``; solvers iterating to a
+    tolerance evaluate the structures one by one (:func:`sequential`)."""
+    evaluate = _evaluate(model)
+    if sequential(model):
+        e, f, stress, aux = jax.lax.map(lambda a: evaluate(params, *a), (batch.system, batch.neighbors))
     else:
-        e, f, aux = jax.vmap(evaluate, in_axes=(None, 0))(params, batch.system)
+        e, f, stress, aux = jax.vmap(evaluate, in_axes=(None, 0, 0))(params, batch.system, batch.neighbors)
     q = aux["charges"]
     return dict(
         energy=e + batch.counts @ offsets,
         forces=f,
         charges=q,
         dipole=jax.vmap(dipole_moment)(q, batch.system.positions),
+        stress=stress,
         residual=aux["residual"],
         converged=aux["converged"],
     )
 
 
-def batch_sums(evaluate: Callable, params: Params, offsets, batch: Batch, one_by_one: bool = False) -> dict:
+def batch_sums(model, params: Params, offsets, batch: Batch) -> dict:
     """Sums of squared and absolute errors of a batch, and how many values each sum holds.
     Weight-zero fillers and padding atoms take no part."""
-    return sums_of_errors(predict(evaluate, params, offsets, batch, one_by_one), batch)
+    return sums_of_errors(predict(model, params, offsets, batch), batch)
 
 
 def sums_of_errors(p: Mapping, batch: Batch) -> dict:
@@ -71,6 +97,8 @@ def sums_of_errors(p: Mapping, batch: Batch) -> dict:
     dq = masked(wq, p["charges"] - batch.charges)
     wd = real & (batch.has_dipole > 0)
     dd = masked(wd[:, None], p["dipole"] - batch.dipole)
+    ws = real & (batch.has_stress > 0)
+    ds = masked(ws[:, None], p["stress"] - batch.stress)
     return dict(
         energy_sq=jnp.sum(de**2),
         energy_abs=jnp.sum(jnp.abs(de)),
@@ -82,6 +110,8 @@ def sums_of_errors(p: Mapping, batch: Batch) -> dict:
         charges_n=jnp.sum(wq),
         dipole_sq=jnp.sum(dd**2),
         dipole_n=3.0 * jnp.sum(wd),
+        stress_sq=jnp.sum(ds**2),
+        stress_n=6.0 * jnp.sum(ws),
         configurations=jnp.sum(real),
         unconverged=jnp.sum(real & ~p["converged"]),
         max_residual=jnp.max(jnp.where(real, p["residual"], 0.0)),
@@ -104,8 +134,9 @@ def loss_from_sums(sums: Mapping, weights: Mapping):
 
 def metrics_from_sums(sums: Mapping, weights: Mapping) -> dict:
     """Host-side metrics: energy MAE and RMSE in meV/atom, force RMSE and MAE in eV/Å (over
-    Cartesian components), charge RMSE in e, dipole RMSE in e·Å (per component), the loss (no
-    pull), the number of structures and of unconverged solves. ``None`` where no reference."""
+    Cartesian components), charge RMSE in e, dipole RMSE in e·Å (per component), stress RMSE in
+    GPa (over the six Voigt components), the loss (no pull), the number of structures and of
+    unconverged solves. ``None`` where no reference."""
     s = {k: float(v) for k, v in sums.items()}
 
     def ratio(num, den, f=lambda x: x):
@@ -119,6 +150,7 @@ def metrics_from_sums(sums: Mapping, weights: Mapping) -> dict:
         force_mae=ratio("forces_abs", "forces_n"),
         charge_rmse=ratio("charges_sq", "charges_n", math.sqrt),
         dipole_rmse=ratio("dipole_sq", "dipole_n", math.sqrt),
+        stress_rmse_gpa=ratio("stress_sq", "stress_n", lambda x: GPA * math.sqrt(x)),
         configurations=int(s["configurations"]),
         unconverged=int(s["unconverged"]),
         max_residual=s["max_residual"],

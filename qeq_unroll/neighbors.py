@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, pme
+from . import checks, ewald, pme
 from .errors import QEqInputError
 from .periodic import frame, heights, image_range, image_shifts
+from .system import size_bucket
 
 #: Default skin (Å) of neighbour lists.
 DEFAULT_SKIN = 1.0
@@ -387,6 +388,30 @@ class Neighbors:
 
 
 jax.tree_util.register_dataclass(Neighbors, data_fields=["pairs", "reciprocal"], meta_fields=[])
+
+#: Lattice translation (in cells) of the padding entries of :func:`stackable` image lists.
+FAR_SHIFT = 1.0e6
+
+
+def stackable(nbrs: Neighbors) -> Neighbors:
+    """``nbrs`` with its lattice translations and Ewald reciprocal vectors padded to size buckets
+    (``system.size_bucket``), so that the neighbours of similar cells have one shape and stack into
+    a batch (fitting). The interactions are unchanged: the extra translations lie ``FAR_SHIFT``
+    cells away, beyond every cutoff, and the extra Miller indices are (0, 0, 0), which the
+    reciprocal sum skips. Neighbour lists and PME meshes are left as they are."""
+    pairs, reciprocal = nbrs.pairs, nbrs.reciprocal
+    if isinstance(pairs, ImageList):
+        shifts = np.asarray(pairs.shifts)
+        extra = size_bucket(len(shifts)) - len(shifts)
+        far = np.tile([[FAR_SHIFT, 0.0, 0.0]], (extra, 1))
+        pairs = dataclasses.replace(pairs, shifts=jnp.asarray(np.concatenate([shifts, far]), dtype=pairs.shifts.dtype))
+    if isinstance(reciprocal, ewald.Reciprocal):
+        miller = np.asarray(reciprocal.miller)
+        extra = size_bucket(len(miller)) - len(miller)
+        padded = np.concatenate([miller, np.zeros((extra, 3))])
+        reciprocal = dataclasses.replace(reciprocal, miller=jnp.asarray(padded, dtype=reciprocal.miller.dtype))
+    return Neighbors(pairs=pairs, reciprocal=reciprocal)
+
 
 #: Largest S N² for which ``layout="auto"`` picks the dense all-images layout.
 DENSE_IMAGES_BUDGET = 2_000_000

@@ -253,13 +253,22 @@ def load_params(source: "str | os.PathLike | Params | Mapping") -> Params:
     return Params.from_dict(data)
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: "str | os.PathLike", text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so a
-    crash never leaves a half-written file."""
+    crash never leaves a half-written file. The file gets the permissions of any file the user
+    creates (0666 less the umask; the temporary file starts at 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

@@ -102,7 +102,7 @@ def force_loss(energy):
     """Jitted force loss and its parameter gradient, ``f(params, batch)`` (compiled once per model)."""
 
     def loss(params, batch):
-        sums = F.batch_sums(qu.energy_and_forces(energy), params, jnp.zeros(2), batch)
+        sums = F.batch_sums(energy, params, jnp.zeros(2), batch)
         return F.loss_from_sums(sums, {"forces": 1.0})
 
     return jax.jit(loss), jax.jit(jax.grad(loss))

@@ -34,7 +34,7 @@ def test_reads_all_properties_and_names_missing_keys(tmp_path):
     path = tmp_path / "d.xyz"
     write(path, [frame(4, 0), frame(6, 1)], format="extxyz")
     data, report = read_reference(path, PARAMS)
-    assert len(data) == 2 and report["properties"] == {"energy": 2, "forces": 2, "charges": 2, "dipole": 2}
+    assert len(data) == 2 and report["properties"] == {"energy": 2, "forces": 2, "charges": 2, "dipole": 2, "stress": 0}
     c = data[1]
     assert c.n_atoms == 6 and c.energy == -10.0 and c.forces.shape == (6, 3)
     assert [PARAMS.elements[s] for s in c.species] == ["Na", "Cl"] * 3
