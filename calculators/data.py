@@ -40,14 +40,19 @@ from qeq_unroll.params import Params
 #: Default keys of the reference properties.
 DEFAULT_KEYS = {"energy": "REF_energy", "forces": "REF_forces", "charges": "REF_charges", "dipole": "REF_dipole",
                 "stress": "REF_stress"}
-#: The shipped GFN2-xTB set (see examples/make_reference_data.py): "train" and "heldout".
-SHIPPED = {"train": "xtb-train.xyz", "heldout": "xtb-heldout.xyz"}
+#: The shipped xTB sets (see examples/make_reference_data.py and data/reference/README.md): GFN2-xTB
+#: clusters ("train", "heldout") and GFN1-xTB periodic cells with stress ("periodic-train",
+#: "periodic-heldout"; two methods: never fit both on one energy scale).
+SHIPPED = {"train": "xtb-train.xyz", "heldout": "xtb-heldout.xyz",
+           "periodic-train": "xtb-periodic-train.xyz", "periodic-heldout": "xtb-periodic-heldout.xyz"}
 _PER_ATOM = {"forces": (3,), "charges": ()}
 
 
 def shipped_reference(part: str = "train") -> Path:
-    """Path of a shipped GFN2-xTB reference file: ``"train"`` (NaCl clusters of 8, 16, 24, 32 atoms
-    and water clusters of 1-6 molecules) or ``"heldout"`` (NaCl clusters of 12, 20, 28 atoms)."""
+    """Path of a shipped reference file: ``"train"`` (GFN2-xTB NaCl clusters of 8, 16, 24, 32
+    atoms and water clusters of 1-6 molecules), ``"heldout"`` (NaCl clusters of 12, 20, 28 atoms),
+    ``"periodic-train"`` (GFN1-xTB rock-salt NaCl cells of 8 and 16 atoms, MgO cells of 8, water
+    boxes of 24 atoms, with stress) or ``"periodic-heldout"`` (NaCl cells of 64 atoms)."""
     if part not in SHIPPED:
         raise QEqInputError(f"unknown shipped reference part '{part}' (valid: {', '.join(SHIPPED)})")
     return Path(str(resources.files("qeq_unroll.data").joinpath("reference", SHIPPED[part])))

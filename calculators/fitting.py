@@ -32,10 +32,10 @@ DEFAULTS = dict(
     iterations=20,
     gradient="unrolled",
     validation="0.1",
-    epochs=50,
+    epochs=100,
     train="chi,hardness,sigma,pairs",
     lr=0.02,
-    optimizer="adam",
+    optimizer="lm",
     batch_size=16,
     weights="energy=1,forces=1,charges=0,dipole=0",
     pairs="born_mayer",
@@ -82,13 +82,14 @@ def add_fit(subparsers) -> None:
                    help="validation data: an extended XYZ file, or a fraction of the training data held "
                    "out (default 0.1; 0 for none). The split is stored in --split and reused")
     p.add_argument("--split", default=None, help="file of the persisted train/validation split (default OUT.split.json)")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs (default 50)")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs (default 100; lm stops earlier at a minimum)")
     p.add_argument("--train", default=DEFAULTS["train"],
                    help="parameter groups to fit, from chi, hardness, sigma, gamma, pairs (default chi,hardness,sigma,pairs)")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam peak learning rate (default 0.02)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule (default cosine)")
-    p.add_argument("--optimizer", choices=("adam", "lbfgs"), default=DEFAULTS["optimizer"],
-                   help="adam (mini-batches) or lbfgs (full batch, one iteration per epoch); default adam")
+    p.add_argument("--optimizer", choices=("lm", "adam", "lbfgs"), default=DEFAULTS["optimizer"],
+                   help="lm (Levenberg-Marquardt, full batch, one iteration per epoch, stops at a minimum: for tens of "
+                   "parameters), adam (mini-batches) or lbfgs (full batch); default lm")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="structures per batch (default 16)")
     p.add_argument("--weights", default=DEFAULTS["weights"],
                    help="loss weights, e.g. energy=1,forces=1,charges=0.5,dipole=0,stress=10 (energy per atom; stress in "
@@ -432,7 +433,7 @@ def demo_fit(echo=print, epochs: int = 15, fmax: float = 0.02, steps: int = 500)
     train, val = nacl(train, (8, 16)), nacl(held, (12,))
     iterations = 16
     energy = qu.qeq_energy("gaussian", qu.CG(iterations=iterations), "unrolled")
-    config = F.FitConfig(epochs=epochs, batch_size=14, learning_rate=0.05, patience=None, min_bucket=16)
+    config = F.FitConfig(optimizer="adam", epochs=epochs, batch_size=14, learning_rate=0.05, patience=None, min_bucket=16)
     echo(f"Fit: {len(train)} GFN2-xTB NaCl clusters of 8 and 16 atoms (shipped set), validation {len(val)} "
          f"held-out clusters of 12 atoms; chi, J, sigma and pair terms from '{start.name}'; CG K = {iterations}, "
          f"unrolled gradients through the solver; Adam, {epochs} epochs")

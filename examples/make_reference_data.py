@@ -146,7 +146,8 @@ def water_box(n_molecules: int, rng, density: float = WATER_DENSITY, min_oo: flo
     the periodic images) is under ``min_oo`` Å or any other intermolecular distance under
     ``min_other`` Å. Molecules are kept whole, so atoms may lie just outside the box."""
     mass = n_molecules * Atoms("OH2").get_masses().sum()  # amu
-    edge = (mass * units._amu * 1e27 / density) ** (1.0 / 3.0)  # amu·kg/amu·(1e3 g/kg)·(1e24 Å³/cm³)
+    volume = mass * units._amu * 1e3 / density * 1e24  # amu -> kg -> g, then cm³ -> Å³
+    edge = volume ** (1.0 / 3.0)
     out = Atoms(cell=[edge] * 3, pbc=True)
     for _ in range(n_molecules):
         for _ in range(1000):

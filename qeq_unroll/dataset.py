@@ -379,7 +379,7 @@ def persisted_split(path, dataset: Dataset, fraction: float, seed: int = 0) -> t
             raise QEqInputError(f"split file {path} is not valid JSON: {exc}") from exc
         if {k: stored.get(k) for k in key} != key:
             raise QEqInputError(
-                f"split file {path} belongs to other data or another fraction/seed "
+                f"split file {path} belongs to other structures or another fraction/seed "
                 f"(stored n={stored.get('n')}, fraction={stored.get('fraction')}, seed={stored.get('seed')}); "
                 "remove it to draw a new split"
             )

@@ -51,7 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
+from . import lm
 from .dataset import Batch, Batcher, BatchPlan, Dataset
 from .neighbors import stackable
 from .errors import QEqInputError, require_positive_integers
@@ -60,6 +62,8 @@ from .loss import (  # noqa: F401  (re-exported: the fitting API in one place)
     add_sums,
     batch_sums,
     least_squares_offsets,
+    term_counts,
+    weighted_residuals,
     loss_from_sums,
     metrics_from_sums,
     predict,
@@ -76,7 +80,9 @@ from .parametrisation import (  # noqa: F401  (re-exported)
 from .params import Params, write_atomic
 
 CHECKPOINT_FORMAT = "qeq-unroll-fit-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+#: Optimisers: mini-batch Adam, full-batch L-BFGS, full-batch Levenberg–Marquardt (``lm``).
+OPTIMIZERS = ("adam", "lbfgs", "lm")
 
 
 # --- configuration and result ----------------------------------------------------------------
@@ -86,7 +92,9 @@ class FitConfig:
 
     train: groups of ``GROUPS``. weights: loss weights of ``TERMS`` (energy per atom in
     (eV/atom)⁻², forces (eV/Å)⁻², charges e⁻², dipole (e·Å)⁻², stress (eV/Å³)⁻²). pull: weight of the pull toward the
-    start. optimizer: "adam" | "lbfgs" (full batch, one iteration per epoch). learning_rate: Adam's
+    start. optimizer: "adam" | "lbfgs" (full batch, one iteration per epoch) | "lm"
+    (Levenberg–Marquardt, full batch, one iteration per epoch, stops at a minimum; ``lm``: for
+    models with tens of parameters, where it converges quadratically). learning_rate: Adam's
     peak rate in raw coordinates (ignored by L-BFGS, which line-searches). schedule: "cosine"
     (decay to ``final_lr_fraction`` over the fit) | "constant". clip_norm: global gradient-norm
     clip for Adam (None: off). epochs; batch_size (structures per batch; rounded up to a
@@ -102,7 +110,7 @@ class FitConfig:
         default_factory=lambda: {"energy": 1.0, "forces": 1.0, "charges": 0.0, "dipole": 0.0, "stress": 0.0}
     )
     pull: float = 0.0
-    optimizer: str = "adam"
+    optimizer: str = "lm"
     learning_rate: float = 0.02
     schedule: str = "cosine"
     final_lr_fraction: float = 0.05
@@ -124,8 +132,8 @@ class FitConfig:
             raise QEqInputError(f"unknown loss weight(s) {sorted(unknown)} (valid: {', '.join(TERMS)})")
         if any((not math.isfinite(float(w))) or float(w) < 0 for w in self.weights.values()):
             raise QEqInputError(f"loss weights must be finite and non-negative, got {dict(self.weights)}")
-        if self.optimizer not in ("adam", "lbfgs"):
-            raise QEqInputError(f"unknown optimizer '{self.optimizer}' (valid: adam, lbfgs)")
+        if self.optimizer not in OPTIMIZERS:
+            raise QEqInputError(f"unknown optimizer '{self.optimizer}' (valid: {', '.join(OPTIMIZERS)})")
         if self.schedule not in ("cosine", "constant"):
             raise QEqInputError(f"unknown schedule '{self.schedule}' (valid: cosine, constant)")
         require_positive_integers(self, ("epochs", "batch_size", "checkpoint_every", "devices", "lbfgs_memory"))
@@ -173,11 +181,13 @@ class StepSpec:
     par: Parametrisation
     weights: tuple[tuple[str, float], ...]
     pull: float = 0.0
-    optimizer: tuple = ("adam", None)  # ("adam", clip_norm) or ("lbfgs", memory)
+    optimizer: tuple = ("adam", None)  # ("adam", clip_norm), ("lbfgs", memory) or ("lm", None)
 
     def build_optimizer(self) -> optax.GradientTransformation:
         """L-BFGS, or Adam's scaling (after an optional global-norm clip) without the learning
         rate: the rate is data, passed to each step, so the schedule never recompiles."""
+        if self.optimizer[0] == "lm":
+            return None  # not an optax transformation: see ``Fitter.lm_step``
         if self.optimizer[0] == "lbfgs":
             return optax.lbfgs(memory_size=self.optimizer[1])
         clip = self.optimizer[1]
@@ -234,6 +244,39 @@ def _lbfgs_step(spec: StepSpec, raw, opt_state, anchor, raw0, stacks):
     return optax.apply_updates(raw, updates), opt_state, value
 
 
+def _residuals(spec: StepSpec, raw, anchor, raw0, batch, scales):
+    """The weighted residuals of one batch (``loss.weighted_residuals``), or of the pull toward
+    the start when ``batch`` is None."""
+    if batch is None:
+        return math.sqrt(spec.pull) * spec.par.pull_residuals(raw, raw0)
+    p = predict(spec.energy, spec.par.params(raw, anchor), raw["offsets"], batch)
+    return weighted_residuals(p, batch, scales)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lm_normal(spec: StepSpec, raw, anchor, raw0, batch, scales):
+    """(JᵀJ, Jᵀr, r·r) of one batch's residuals r (or the pull's, ``batch`` None) over the
+    flattened raw coordinates; J by forward mode, one tangent per coordinate."""
+    flat, unravel = ravel_pytree(raw)
+    r, tangent = jax.linearize(lambda v: _residuals(spec, unravel(v), anchor, raw0, batch, scales), flat)
+    jac = jax.vmap(tangent, out_axes=1)(jnp.eye(flat.size, dtype=flat.dtype))
+    return jac.T @ jac, jac.T @ r, r @ r
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lm_value(spec: StepSpec, raw, anchor, raw0, batches, scales):
+    """The loss as Σ r·r over ``batches`` and the pull."""
+    total = sum(jnp.sum(_residuals(spec, raw, anchor, raw0, b, scales) ** 2) for b in batches)
+    return total + (spec.pull * spec.par.pull(raw, raw0) if spec.pull else 0.0)
+
+
+def lm_scales(batches, weights) -> dict:
+    """Per weighted term, its weight over how many values it has in ``batches``: the factors that
+    make Σ r·r of the residuals the loss (``loss.loss_from_sums``)."""
+    counts = functools.reduce(add_sums, [term_counts(b) for b in batches])
+    return {t: float(w) / max(float(counts[t]), 1.0) for t, w in weights.items() if w}
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _param_sums(energy, params, offsets, batch):
     """(sums of errors, predicted energies) of a batch for plain ``Params``."""
@@ -264,6 +307,8 @@ class Fitter:
         self.steps_total = int(steps_total)
         if config.optimizer == "lbfgs":
             opt = ("lbfgs", int(config.lbfgs_memory))
+        elif config.optimizer == "lm":
+            opt = ("lm", None)
         else:
             opt = ("adam", None if config.clip_norm is None else float(config.clip_norm))
         self.spec = StepSpec(energy, par, tuple(self.weights.items()), float(config.pull), opt)
@@ -305,10 +350,12 @@ class Fitter:
 
     def learning_rate(self, step: int) -> float | None:
         """Adam's learning rate at optimiser step ``step`` (None for L-BFGS)."""
-        return None if self.config.optimizer == "lbfgs" else float(self.schedule(step))
+        return None if self.config.optimizer != "adam" else float(self.schedule(step))
 
     # compiled functions
     def init(self, raw):
+        if self.config.optimizer == "lm":
+            return {"damping": jnp.asarray(lm.START_DAMPING, jnp.asarray(raw["offsets"]).dtype)}
         return _strong(self.optimizer.init(raw))
 
     def adam_step(self, raw, opt_state, raw0, batch, step: int):
@@ -317,6 +364,27 @@ class Fitter:
 
     def lbfgs_step(self, raw, opt_state, raw0, stacks):
         return _lbfgs_step(self.spec, raw, opt_state, self.anchor, raw0, stacks)
+
+    def lm_step(self, raw, opt_state, raw0, batches):
+        """One Levenberg–Marquardt iteration over ``batches`` (the whole training set, ``lm``):
+        ``(raw, opt_state, loss, moved)``."""
+        flat, unravel = ravel_pytree(raw)
+        scales = lm_scales(batches, self.weights)
+
+        def normal(x):
+            r = unravel(jnp.asarray(x, flat.dtype))
+            parts = [_lm_normal(self.spec, r, self.anchor, raw0, b, scales) for b in batches]
+            if self.spec.pull:
+                parts.append(_lm_normal(self.spec, r, self.anchor, raw0, None, scales))
+            return lm.accumulate(jax.device_get(parts))
+
+        def value(x):
+            r = unravel(jnp.asarray(x, flat.dtype))
+            return float(_lm_value(self.spec, r, self.anchor, raw0, batches, scales))
+
+        x, damping, loss, moved = lm.iterate(normal, value, np.asarray(flat, np.float64), float(opt_state["damping"]))
+        new = self.replicate(_strong(unravel(jnp.asarray(x, flat.dtype))))
+        return new, {"damping": jnp.asarray(damping, flat.dtype)}, loss, moved
 
     def loss_and_grad(self, raw, raw0, batch):
         """(loss, gradient with respect to the raw coordinates) of one batch."""
@@ -474,8 +542,9 @@ class _Run:
     steps_total: int
 
     @property
-    def lbfgs(self) -> bool:
-        return self.config.optimizer == "lbfgs"
+    def full_batch(self) -> bool:
+        """One optimiser iteration per epoch over the whole training set (L-BFGS, LM)."""
+        return self.config.optimizer in ("lbfgs", "lm")
 
 
 @dataclasses.dataclass
@@ -483,7 +552,7 @@ class FitState:
     """Where a fit stands, all a checkpoint holds: the start ``raw0`` (raw coordinates with the
     least-squares energy offsets), the current ``raw`` and optimiser state, the best parameters so
     far, optimiser ``step``, ``epoch``, ``position`` in the epoch's batch ``order``, early-stopping
-    counters, the epoch ``history``, and the ``initial`` metrics."""
+    counters, ``converged`` (LM found no lower loss), the epoch ``history``, and the ``initial`` metrics."""
 
     raw0: Any
     raw: Any
@@ -499,6 +568,7 @@ class FitState:
     history: list = dataclasses.field(default_factory=list)
     done: bool = False
     stopped_early: bool = False
+    converged: bool = False
     initial: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -533,7 +603,7 @@ class FitState:
             best_raw=fitter.replicate(_decode_tree(like, state["best_raw"], "best parameters")),
             order=None if state["order"] is None else [tuple(p) for p in state["order"]],
             **{k: state[k] for k in ("step", "epoch", "position", "best_loss", "best_epoch", "bad_epochs",
-                                     "history", "done", "stopped_early", "initial")},
+                                     "history", "done", "stopped_early", "converged", "initial")},
         )  # fmt: skip
 
     def to_checkpoint(self, run: _Run) -> dict:
@@ -551,7 +621,7 @@ class FitState:
             best_raw=_encode_tree(self.best_raw),
             final=dict(params=fitted_params(best, offsets).to_dict(), offsets=offsets_dict(run.params, offsets)),
             **{k: getattr(self, k) for k in ("step", "epoch", "position", "best_loss", "best_epoch", "bad_epochs",
-                                             "history", "done", "stopped_early", "initial")},
+                                             "history", "done", "stopped_early", "converged", "initial")},
         )  # fmt: skip
 
 
@@ -581,7 +651,7 @@ def _setup(params, train, energy, config, validation) -> _Run:
     anchor = par.anchor(params, distances)
     batcher = batcher_for(train, energy, params, config.batch_size, config.devices, config.min_bucket)
     lbfgs = config.optimizer == "lbfgs"
-    steps_per_epoch = 1 if lbfgs else len(batcher.plans())
+    steps_per_epoch = 1 if config.optimizer in ("lbfgs", "lm") else len(batcher.plans())
     steps_total = config.epochs * steps_per_epoch
     fitter = Fitter(energy, par, anchor, config, steps_total)
     val_eval = []
@@ -605,9 +675,12 @@ def _epoch_steps(run: _Run, state: FitState, after_step: Callable[[float], None]
     if state.order is None:
         plans = run.batcher.epoch_plan(run.config.seed, state.epoch)
         state.order = [(p.bucket, p.indices) for p in plans]
-    length = 1 if run.lbfgs else len(state.order)
+    length = 1 if run.full_batch else len(state.order)
     while state.position < length:
-        if run.lbfgs:
+        if run.config.optimizer == "lm":
+            state.raw, state.opt_state, loss, moved = fitter.lm_step(state.raw, state.opt_state, state.raw0, run.train_eval)
+            state.converged = not moved
+        elif run.config.optimizer == "lbfgs":
             state.raw, state.opt_state, loss = fitter.lbfgs_step(state.raw, state.opt_state, state.raw0, run.train_stacks)
         else:
             batch = fitter.shard(run.batcher.batch(BatchPlan(*state.order[state.position])))
@@ -641,7 +714,7 @@ def _end_epoch(run: _Run, state: FitState, started: float) -> dict:
     state.position = 0
     state.order = None
     state.stopped_early = bool(run.val_eval) and config.patience is not None and state.bad_epochs >= config.patience
-    state.done = state.stopped_early or state.epoch >= config.epochs
+    state.done = state.stopped_early or state.converged or state.epoch >= config.epochs
     return record
 
 
@@ -684,7 +757,7 @@ def implausible(start: Params, fitted: Params, elements: Sequence[int]) -> list[
                 values.append((f"{form} {c} of {pair}", c, float(start.pairs.get(pair, {}).get(form, {}).get(c, v)), float(v)))
     out = []
     for name, key, v0, v in values:
-        if v == v0:
+        if v == v0 or not math.isfinite(v):
             continue
         lo, hi = PLAUSIBLE[key]
         if not lo <= v <= hi:
@@ -747,7 +820,7 @@ def fit(
             bar.set_postfix(epoch=state.epoch, loss=f"{loss:.4g}")
         if callback is not None:
             callback(dict(step=state.step, epoch=state.epoch, loss=loss))
-        unfinished = run.lbfgs or state.position < len(state.order)
+        unfinished = run.full_batch or state.position < len(state.order)
         if checkpoint is not None and state.step % config.checkpoint_every == 0 and unfinished:
             save_checkpoint(checkpoint, state.to_checkpoint(run))
 

@@ -81,41 +81,57 @@ def batch_sums(model, params: Params, offsets, batch: Batch) -> dict:
     return sums_of_errors(predict(model, params, offsets, batch), batch)
 
 
-def sums_of_errors(p: Mapping, batch: Batch) -> dict:
-    """The sums of :func:`batch_sums` from predictions ``p`` (see :func:`predict`)."""
+def errors(p: Mapping, batch: Batch) -> dict:
+    """``{term: (error, mask)}`` of predictions ``p`` (:func:`predict`): the energy error per atom
+    (B,) eV, forces (B, N, 3), charges (B, N), dipole (B, 3) and stress (B, 6), zero where the
+    mask (broadcast to the error's shape) is False: weight-zero fillers, padding atoms, missing
+    references."""
     atom = batch.system.fragments >= 0
     real = batch.weight > 0
 
-    def masked(mask, x):
-        return jnp.where(mask, x, 0.0)
+    def term(flag, error, per_atom=False):
+        mask = real & (flag > 0)
+        mask = mask[:, None] & atom if per_atom else mask
+        mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (error.ndim - mask.ndim)), error.shape)
+        return jnp.where(mask, error, 0.0), mask
 
-    we = real & (batch.has_energy > 0)
-    de = masked(we, (p["energy"] - batch.energy) / batch.n_atoms)
-    wf = (real & (batch.has_forces > 0))[:, None] & atom
-    df = masked(wf[..., None], p["forces"] - batch.forces)
-    wq = (real & (batch.has_charges > 0))[:, None] & atom
-    dq = masked(wq, p["charges"] - batch.charges)
-    wd = real & (batch.has_dipole > 0)
-    dd = masked(wd[:, None], p["dipole"] - batch.dipole)
-    ws = real & (batch.has_stress > 0)
-    ds = masked(ws[:, None], p["stress"] - batch.stress)
     return dict(
-        energy_sq=jnp.sum(de**2),
-        energy_abs=jnp.sum(jnp.abs(de)),
-        energy_n=jnp.sum(we),
-        forces_sq=jnp.sum(df**2),
-        forces_abs=jnp.sum(jnp.abs(df)),
-        forces_n=3.0 * jnp.sum(wf),
-        charges_sq=jnp.sum(dq**2),
-        charges_n=jnp.sum(wq),
-        dipole_sq=jnp.sum(dd**2),
-        dipole_n=3.0 * jnp.sum(wd),
-        stress_sq=jnp.sum(ds**2),
-        stress_n=6.0 * jnp.sum(ws),
+        energy=term(batch.has_energy, (p["energy"] - batch.energy) / batch.n_atoms),
+        forces=term(batch.has_forces, p["forces"] - batch.forces, per_atom=True),
+        charges=term(batch.has_charges, p["charges"] - batch.charges, per_atom=True),
+        dipole=term(batch.has_dipole, p["dipole"] - batch.dipole),
+        stress=term(batch.has_stress, p["stress"] - batch.stress),
+    )
+
+
+def sums_of_errors(p: Mapping, batch: Batch) -> dict:
+    """The sums of :func:`batch_sums` from predictions ``p`` (see :func:`predict`)."""
+    real = batch.weight > 0
+    out = {}
+    for term, (error, mask) in errors(p, batch).items():
+        out[f"{term}_sq"] = jnp.sum(error**2)
+        out[f"{term}_abs"] = jnp.sum(jnp.abs(error))
+        out[f"{term}_n"] = jnp.sum(mask)
+    return dict(
+        out,
         configurations=jnp.sum(real),
         unconverged=jnp.sum(real & ~p["converged"]),
         max_residual=jnp.max(jnp.where(real, p["residual"], 0.0)),
     )
+
+
+def term_counts(batch: Batch) -> dict:
+    """``{term: how many values of the batch the term's mean runs over}`` (host or traced)."""
+    zero = jnp.zeros_like(batch.forces)
+    p = dict(energy=batch.energy * 0.0, forces=zero, charges=batch.charges * 0.0, dipole=batch.dipole * 0.0,
+             stress=batch.stress * 0.0)  # fmt: skip
+    return {t: jnp.sum(mask) for t, (_, mask) in errors(p, batch).items()}
+
+
+def weighted_residuals(p: Mapping, batch: Batch, scales: Mapping):
+    """One vector r of a batch's errors with r·r = its share of the loss: each term's errors times
+    √``scales[term]`` (the term's weight over its count in the whole data set)."""
+    return jnp.concatenate([jnp.sqrt(scales[t]) * jnp.ravel(e) for t, (e, _) in errors(p, batch).items() if t in scales])
 
 
 def add_sums(a: Mapping, b: Mapping) -> dict:

@@ -114,17 +114,21 @@ class Parametrisation:
 
     def pull(self, raw: Mapping, raw0: Mapping):
         """Σ ((θ − θ₀)/s)² over the trained coordinates (offsets left out)."""
-        total = 0.0
+        return jnp.sum(self.pull_residuals(raw, raw0) ** 2)
+
+    def pull_residuals(self, raw: Mapping, raw0: Mapping):
+        """The terms (θ − θ₀)/s of :meth:`pull` as one vector."""
+        out = []
         for key in ("chi",) + LOG_ELEMENT_KEYS:
             if key in raw:
                 scale = 1.0 if key != "chi" else jnp.maximum(jnp.abs(raw0[key]), 1.0)
-                total = total + jnp.sum(((raw[key] - raw0[key]) / scale) ** 2)
+                out.append(jnp.ravel((raw[key] - raw0[key]) / scale))
         if "pairs" in raw:
             for k, f, c, kind in self.pair_coeffs:
                 name = _pair_name(k, f, c)
                 scale = 1.0 if kind != "linear" else jnp.maximum(jnp.abs(raw0["pairs"][name]), 1.0)
-                total = total + ((raw["pairs"][name] - raw0["pairs"][name]) / scale) ** 2
-        return total
+                out.append(jnp.ravel((raw["pairs"][name] - raw0["pairs"][name]) / scale))
+        return jnp.concatenate(out) if out else jnp.zeros(0, raw["offsets"].dtype)
 
 
 def _pair_name(key, form, coeff):

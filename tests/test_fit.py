@@ -274,7 +274,7 @@ def test_fillers_and_padding_do_not_change_the_loss(data):
 
 
 # --- checkpoints, resume, early stopping ------------------------------------------------------
-RESUME_CONFIG = F.FitConfig(train=("chi", "hardness", "sigma", "pairs"), epochs=3, batch_size=3,
+RESUME_CONFIG = F.FitConfig(train=("chi", "hardness", "sigma", "pairs"), optimizer="adam", epochs=3, batch_size=3,
                             learning_rate=0.02, checkpoint_every=2, patience=50, seed=5)
 
 
@@ -363,7 +363,7 @@ def test_early_stopping_returns_the_best_epoch(data):
     # validation labelled by a different model: fitting the training set makes it worse
     other = perturbed(HIDDEN, {"elements": {"Na": {"hardness": 0.3}}, "pairs": {"Cl-Na": {"A": 3.0}}})
     val = label(other, [cluster(8, 900), cluster(6, 901)])
-    config = F.FitConfig(train=("chi", "hardness", "sigma", "pairs"), epochs=30, batch_size=3,
+    config = F.FitConfig(train=("chi", "hardness", "sigma", "pairs"), optimizer="adam", epochs=30, batch_size=3,
                          learning_rate=0.02, patience=2, seed=5)
     result = F.fit(START, data.subset(range(8)), FIT_MODEL, config, validation=val)
     losses = [h["validation"]["loss"] for h in result.history]
@@ -386,7 +386,7 @@ def test_data_parallel_matches_one_device(tmp_path):
         data = T.label(T.HIDDEN, [T.cluster(n, s) for s, n in enumerate([4, 6, 8, 8, 6, 8, 4, 8])])
         out = {}
         for devices in (1, 4):
-            config = F.FitConfig(train=("chi", "hardness", "sigma", "pairs"), epochs=2, batch_size=4,
+            config = F.FitConfig(train=("chi", "hardness", "sigma", "pairs"), optimizer="adam", epochs=2, batch_size=4,
                                  learning_rate=0.02, devices=devices, weights={"energy": 1.0, "forces": 1.0, "charges": 1.0})
             par = F.make_parametrisation(T.START, config.train, [0, 1], True)
             fitter = F.Fitter(T.FIT_MODEL, par, par.anchor(T.START), config, 4)

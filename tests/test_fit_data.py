@@ -185,3 +185,147 @@ def test_fit_command_reports_bad_input(tmp_path, capsys):
     assert main(["fit", str(good), "--out", str(tmp_path / "p.json"), "--train", "chi,magic"]) == 2
     assert "magic" in capsys.readouterr().err
     assert main(["plot-fit", str(tmp_path / "missing.jsonl")]) == 2
+
+
+# --- periodic data, bad cells, the split, starting pairs, permissions, the closing table -------------
+def cell_frame(a=5.64, seed=0, stress=True):
+    """A rock-salt NaCl conventional cell with made-up references (and a Voigt stress)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
+    atoms = Atoms(["Na"] * 4 + ["Cl"] * 4, scaled_positions=np.concatenate([base, base + [0.5, 0, 0]]),
+                  cell=np.eye(3) * a, pbc=True)  # fmt: skip
+    atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+    atoms.info["REF_energy"] = -20.0
+    atoms.arrays["REF_forces"] = rng.normal(0, 0.3, (8, 3))
+    if stress:
+        atoms.info["REF_stress"] = rng.normal(0, 0.01, 6)
+    return atoms
+
+
+def test_periodic_structures_are_read_with_cell_and_stress(tmp_path):
+    path = tmp_path / "mixed.xyz"
+    tensor = cell_frame(seed=1, stress=False)
+    full = np.arange(9.0).reshape(3, 3)
+    tensor.calc = SinglePointCalculator(tensor, stress=full + full.T)  # a 3 x 3 stress of a calculator
+    write(path, [frame(4, 0), cell_frame(), tensor], format="extxyz")
+    data, report = read_reference(path, PARAMS)
+    free, cell, other = data.configurations
+    assert free.cell is None and not free.periodic and free.stress is None
+    assert cell.pbc == (True, True, True) and np.allclose(cell.cell, np.eye(3) * 5.64)
+    assert np.allclose(cell.stress, read(path, 1).info["REF_stress"])
+    np.testing.assert_allclose(other.stress, [0, 8, 16, 12, 8, 4])  # Voigt xx yy zz yz xz xy
+    assert report["properties"]["stress"] == 2
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("singular", "linearly dependent"),
+        ("tiny", "own periodic image"),
+        ("stress without cell", "not periodic in all three directions"),
+    ],
+)
+def test_bad_cells_are_named_and_nothing_is_written(tmp_path, capsys, case, message):
+    """A singular cell, a cell too small for the atoms (they meet their own images) and a stress
+    on a free-space structure: each an error naming the file and configuration; the previous
+    output stays as it was and no split is drawn."""
+    bad = cell_frame(seed=2)
+    if case == "singular":
+        bad.cell = [[5.64, 0, 0], [0, 5.64, 0], [5.64, 5.64, 0]]
+    elif case == "tiny":
+        bad.cell = np.eye(3) * 0.3
+    else:
+        bad = frame(4, 3)
+        bad.info["REF_stress"] = np.zeros(6)
+    path = tmp_path / "bad.xyz"
+    write(path, [cell_frame(), bad], format="extxyz")
+    out = tmp_path / "p.json"
+    out.write_text("previous\n")
+    assert main(["fit", str(path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:1" in err and message in err, err
+    assert out.read_text() == "previous\n" and not (tmp_path / "p.split.json").exists()
+
+
+def test_split_belongs_to_the_structures(tmp_path):
+    """The persisted split is keyed by the structures: a start set with another element order and
+    other reference keys read the same file to the same split."""
+    path = tmp_path / "d.xyz"
+    write(path, [frame(4, s) for s in range(8)], format="extxyz")
+    data, _ = read_reference(path, PARAMS)
+    reordered = PARAMS.to_dict()
+    reordered["elements"] = dict(reversed(list(reordered["elements"].items())))
+    other, _ = read_reference(path, qu.Params.from_dict(reordered), keys={"energy": "none"}, required=("forces",))
+    split = persisted_split(tmp_path / "split.json", data, 0.25)
+    assert persisted_split(tmp_path / "split.json", other, 0.25) == split
+    moved = [frame(4, s) for s in range(8)]
+    moved[3].positions[0, 0] += 0.01
+    write(path, moved, format="extxyz")
+    with pytest.raises(QEqInputError, match="other structures"):
+        persisted_split(tmp_path / "split.json", read_reference(path, PARAMS)[0], 0.25)
+
+
+def test_starting_pair_terms_are_added_when_the_start_set_has_none():
+    from ase.data import covalent_radii
+
+    from calculators.fitting import START_CONTACT_ENERGY, add_start_pairs
+
+    rappe = qu.load_params("rappe-goddard-1991")
+    ch = Atoms("CH4", positions=[[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [-0.63, 0.63, -0.63], [0.63, -0.63, -0.63]])
+    ch.info["REF_energy"] = -5.0
+    ch.arrays["REF_forces"] = np.zeros((5, 3))
+    data = read_reference_atoms([ch], rappe)
+    params, added = add_start_pairs(rappe, data)
+    assert added == ["C-C", "C-H", "H-H"]
+    bm = params.pairs["C-H"]["born_mayer"]
+    contact = covalent_radii[6] + covalent_radii[1]
+    assert float(bm["A"]) * np.exp(-contact / float(bm["rho"])) == pytest.approx(START_CONTACT_ENERGY)
+    morse = add_start_pairs(rappe, data, "morse")[0].pairs["H-H"]["morse"]
+    assert float(morse["r0"]) == pytest.approx(2 * covalent_radii[1])
+    assert add_start_pairs(params, data) == (params, [])  # a set with pair terms is left alone
+
+
+def read_reference_atoms(frames, params):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "frames.xyz"
+        write(path, frames, format="extxyz")
+        return read_reference(path, params)[0]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_follow_the_umask(tmp_path, umask, mode):
+    import os
+
+    from qeq_unroll.params import write_atomic
+
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "out.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == mode
+
+
+def test_implausible_values_and_worse_metrics_are_named():
+    from calculators.fitting import format_summary
+    from qeq_unroll.fit import FitResult, implausible
+
+    start = qu.load_params("demo-nacl-water")
+    runaway = start.to_dict()
+    runaway["pairs"]["Cl-Na"]["born_mayer"]["A"] = 5.4e7
+    runaway["elements"]["Cl"]["hardness"] /= 20.0  # 0.49 eV: below the range
+    runaway["elements"]["Na"]["sigma"] *= 0.09  # 11 times smaller, still plausible
+    runaway["elements"]["Na"]["chi"] += 0.5  # moved, but plausibly
+    messages = implausible(start, qu.Params.from_dict(runaway), [2, 3])
+    assert len(messages) == 3, messages
+    assert "hardness of Cl" in messages[0] and "plausible range" in messages[0]
+    assert "sigma of Na" in messages[1] and "ran far from its start" in messages[1]
+    assert "born_mayer A of Cl-Na = 5.4e+07" in messages[2] and "plausible range" in messages[2]
+    metrics = lambda e, f: dict(energy_mae=e, force_rmse=f, force_mae=f, charge_rmse=None, stress_rmse_gpa=None)  # noqa: E731
+    result = FitResult(start, {}, [dict(epoch=0, train=metrics(5606.0, 0.5))], 0, 3, False, {"train": metrics(4441.0, 0.9)})
+    table = format_summary(result)
+    assert "5606.00!" in table and "! train E MAE meV/atom got worse than at the start (4441 -> 5606)" in table
+    assert "0.5000!" not in table and "S RMSE" not in table
