@@ -29,8 +29,9 @@ in the training data are trained. χ is only defined up to a common shift per ch
 training structures are neutral the mean χ of the trained elements is held at its start value
 (``chi_gauge``); compare χ *differences* between sets.
 
-The loop (:func:`fit`): optax Adam (default, with global-norm clipping and a cosine learning-rate
-schedule) on mini-batches bucketed by size, or full-batch L-BFGS (one iteration per epoch);
+The loop (:func:`fit`): Levenberg–Marquardt (default, ``lm``: full batch, one iteration per epoch,
+stops at a minimum), optax Adam (with global-norm clipping and a cosine learning-rate schedule) on
+mini-batches grouped by size and neighbour shape, or full-batch L-BFGS (one iteration per epoch);
 metrics on train and validation after every epoch; early stopping on the validation loss (the
 best parameters are returned); a checkpoint every N steps written atomically; ``resume``
 continues exactly (parameters, optimiser state, the epoch's batch order and position); a JSON-lines

@@ -8,7 +8,8 @@ One iteration forms the Gauss–Newton normal equations over the whole training 
 
 and tries the step δ = −(A + λ D)⁻¹ g with D = diag(A) (Marquardt's scaling, which makes the step
 independent of the units of each coordinate). A step that lowers L is taken and λ shrinks by
-``SHRINK``; otherwise λ grows by ``GROW`` and the step is tried again, up to ``TRIES`` times. On
+``SHRINK``; otherwise, or when it would change a raw coordinate by more than ``MAX_STEP``, λ grows
+by ``GROW`` and the step is tried again, up to ``TRIES`` times. On
 data the model represents exactly (zero residual at the optimum) the iterations converge
 quadratically, where first-order methods crawl along the ill-conditioned directions (Δχ against J
 against σ). When no step lowers the loss any more, the fit has reached a minimum (``converged``).
@@ -26,13 +27,16 @@ import numpy as np
 
 #: Starting damping λ, its factors after a taken and a refused step, and the tries per iteration.
 START_DAMPING, SHRINK, GROW, TRIES = 1.0e-3, 3.0, 4.0, 12
+#: Largest change of a raw coordinate in one iteration (a factor e for the logarithmic ones): a
+#: longer step, along a direction the data hardly constrain, is refused and damped further.
+MAX_STEP = 1.0
 #: Damping beyond which no step is sought (the gradient is resolved to rounding).
 MAX_DAMPING = 1.0e10
 #: An iteration makes no progress (the minimum is reached) when the loss falls by less than
 #: ``PROGRESS`` (relative) or the step is shorter than ``STEP`` relative to the coordinates.
 PROGRESS, STEP = 1.0e-9, 1.0e-10
 #: Floor of D relative to its largest entry (a coordinate the data hardly see still gets damped).
-DIAGONAL_FLOOR = 1.0e-12
+DIAGONAL_FLOOR = 1.0e-8
 
 
 def solve(a: np.ndarray, g: np.ndarray, damping: float) -> np.ndarray:
@@ -56,6 +60,9 @@ def iterate(normal: Callable, value: Callable, x: np.ndarray, damping: float) ->
         if damping > MAX_DAMPING:
             break
         step = solve(a, g, damping)
+        if np.max(np.abs(step), initial=0.0) > MAX_STEP:  # a direction the data hardly see: damp harder
+            damping *= GROW
+            continue
         new = value(x + step)
         if np.isfinite(new) and new < loss:
             moved = new < loss * (1.0 - PROGRESS) and np.linalg.norm(step) > STEP * (np.linalg.norm(x) + STEP)

@@ -261,7 +261,7 @@ def clusters(draw):
     return symbols, positions, total
 
 
-@settings(max_examples=EXAMPLES or 40, deadline=None, derandomize=not EXAMPLES, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES or 20, deadline=None, derandomize=not EXAMPLES, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kernel=st.sampled_from(["gaussian", "reaxff", "point", "slater"]), cluster=clusters())
 def test_property_free_space_clusters(free_calcs, kernel, cluster):
     symbols, positions, total = cluster

@@ -386,7 +386,7 @@ def test_data_parallel_matches_one_device(tmp_path):
         data = T.label(T.HIDDEN, [T.cluster(n, s) for s, n in enumerate([4, 6, 8, 8, 6, 8, 4, 8])])
         out = {}
         for devices in (1, 4):
-            config = F.FitConfig(train=("chi", "hardness", "sigma", "pairs"), optimizer="adam", epochs=2, batch_size=4,
+            config = F.FitConfig(train=("chi", "hardness", "sigma", "pairs"), optimizer="adam", epochs=1, batch_size=4,
                                  learning_rate=0.02, devices=devices, weights={"energy": 1.0, "forces": 1.0, "charges": 1.0})
             par = F.make_parametrisation(T.START, config.train, [0, 1], True)
             fitter = F.Fitter(T.FIT_MODEL, par, par.anchor(T.START), config, 4)
