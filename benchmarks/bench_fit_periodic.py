@@ -140,13 +140,14 @@ def periodic(echo, epochs):
     energy = model()
     before = F.evaluate(params, held, energy)
     after = F.evaluate(result.params, held, energy, offsets=result.offsets)
+    refit = F.evaluate(result.params, held, energy)
     echo(f"periodic: {seconds:.0f} s, {len(result.history)} epochs; held-out F RMSE {before['force_rmse']:.4f} -> "
          f"{after['force_rmse']:.4f} eV/A, stress RMSE {before['stress_rmse_gpa']:.3f} -> {after['stress_rmse_gpa']:.3f} GPa")
     free_weights = {k: w for k, w in WEIGHTS.items() if k != "stress"}
     free, free_seconds = timed_fit(params, clusters, F.FitConfig(weights=free_weights, epochs=epochs))
     timing = {"periodic": (result, seconds), "free space": (free, free_seconds)}
     echo(f"per epoch: periodic {seconds_per_epoch(result):.3f} s, free space {seconds_per_epoch(free):.3f} s")
-    return dict(result=result, seconds=seconds, before=before, after=after, sizes=sizes, per_size=per_size,
+    return dict(result=result, seconds=seconds, before=before, after=after, refit=refit, sizes=sizes, per_size=per_size,
                 n_held=len(held), timing=timing, epochs=epochs)
 
 
@@ -159,8 +160,8 @@ def periodic_report(run, quick) -> str:
         "",
         f"`python benchmarks/bench_fit_periodic.py` (jax {jax.__version__}, {cpu()}, float64{', --quick' if quick else ''}). "
         f"Data: the shipped GFN1-xTB cells (tblite, Gamma point; `qeq_unroll/data/reference`), rock-salt NaCl "
-        f"cells of {sizes} atoms ({run['per_size']} each; the MgO cells and water boxes are left out: the built-in "
-        f"start has no Mg, and this is the NaCl figure); {train} training / {val} validation configurations "
+        f"cells of {sizes} atoms ({run['per_size']} each; the MgO cells are left out, as the built-in "
+        f"sets have no Mg, and so are the water boxes); {train} training / {val} validation configurations "
         "(10 % random split, early stopping on the validation loss). Start: built-in `demo-nacl-water`. "
         "The `qeq-unroll fit` defaults: gaussian kernel (Ewald sums in the cells), CG with K = 20, unrolled "
         "gradients, Levenberg–Marquardt (`lm`), loss weights energy 1 (eV/atom)⁻², forces 1 (eV/Å)⁻², stress "
@@ -173,7 +174,9 @@ def periodic_report(run, quick) -> str:
         "| parameters | force RMSE (eV/Å) | stress RMSE (GPa) | energy MAE (meV/atom) | charge RMSE (e) |",
         "|---|---|---|---|---|",
     ]
-    for name, m in (("start (offsets fitted to the held-out cells)", before), ("fitted (its fitted offsets)", after)):
+    rows = (("start (offsets fitted to the held-out cells)", before), ("fitted (its fitted offsets)", after),
+            ("fitted, offsets fitted to the held-out cells", run["refit"]))
+    for name, m in rows:
         lines.append(f"| {name} | {m['force_rmse']:.4f} | {m['stress_rmse_gpa']:.3f} | {m['energy_mae']:.1f} | "
                      f"{m['charge_rmse']:.3f} |")
     red = 100 * (1 - after["force_rmse"] / before["force_rmse"])
@@ -182,8 +185,9 @@ def periodic_report(run, quick) -> str:
         f"Force RMSE {red:.1f} % below the start. The GFN1-xTB cell energies depend on the cell size (Gamma point "
         "only: the ideal cells give −63.608, −63.666 and −63.687 eV/atom at 8, 16 and 64 atoms, and pressures "
         "of −0.5, −1.0 and −1.7 GPa), a shift a model of the infinite crystal cannot follow; it enters the "
-        "held-out energy error of the fitted set (offsets fitted on 8- and 16-atom cells), not that of the start, "
-        "whose offsets are fitted to the held-out cells themselves.",
+        "held-out energy error of the fitted set with its own offsets (fitted on 8- and 16-atom cells), not that of "
+        "the start, whose offsets are fitted to the held-out cells themselves; the last row gives the fitted set "
+        "the same treatment.",
         "",
         "### Cost per epoch: periodic cells vs free-space clusters",
         "",

@@ -28,7 +28,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 import qeq_unroll
 from qeq_unroll import checks
-from qeq_unroll.errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError, QEqRangeError
+from qeq_unroll.errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError, QEqNeighborError, QEqRangeError
 from qeq_unroll.learned import check_compatible, solver_from_file
 from qeq_unroll.periodic import wrap
 
@@ -203,21 +203,25 @@ class QEqCalculator(Calculator):
                 "non-periodic direction a cell vector too"
             )
         key = (len(atoms), pbc, tuple(sorted(set(species.tolist()))), round(total, 12))
-        for attempt in range(3):
-            if self._neighbors is None or self._neighbors_key != key or self._cell_changed(cell):
+        reuse = self._neighbors is not None and self._neighbors_key == key and not self._cell_changed(cell)
+
+        def attempt(multiplier):  # the kept neighbours first; after an overflow a larger list
+            nonlocal reuse
+            if not reuse:
                 self._neighbors = self._energy.neighbors(
                     system, self.qeq_params, skin=self.parameters.skin, layout=self.parameters.neighbor_layout,
-                    limits=self.limits,
+                    limits=self.limits, capacity_multiplier=multiplier,
                 )
-                self._neighbors_key = key
-                self._neighbors_cell = cell.copy()
-            energy, forces, stress, aux, neighbors = self._evaluate_periodic(self.qeq_params, system, self._neighbors)
-            if not bool(neighbors.overflow):
-                break
-            self._neighbors = None  # overflowed or stale: reallocate and evaluate again
-        else:
-            why = "; ".join(qeq_unroll.neighbors.reasons(neighbors.error))
-            raise QEqInputError(f"the neighbour list kept overflowing after reallocation: {why}")
+                self._neighbors_key, self._neighbors_cell = key, cell.copy()
+            reuse = False
+            out = self._evaluate_periodic(self.qeq_params, system, self._neighbors)
+            return out, out[-1].error
+
+        try:
+            (energy, forces, stress, aux, neighbors), _ = qeq_unroll.neighbors.until_it_fits(attempt)
+        except QEqNeighborError as exc:
+            self._neighbors = None
+            raise QEqNeighborError(f"the neighbour list kept overflowing after reallocation: {exc}", exc.error) from None
         self._neighbors = neighbors
         self._check(atoms, system, aux, neighbors)
         self._store(atoms, energy, forces, aux)

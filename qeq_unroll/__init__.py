@@ -14,7 +14,15 @@ the library never changes JAX's global configuration.
 from .constants import COULOMB_CONSTANT, LAMMPS_COULOMB_CONSTANT
 from .energy import QEqModel, dipole_moment, energy_and_forces, energy_forces_stress, qeq_energy
 from .checks import Limits
-from .errors import QEqConvergenceError, QEqConvergenceWarning, QEqError, QEqInputError, QEqRangeError, QEqResourceError
+from .errors import (
+    QEqConvergenceError,
+    QEqConvergenceWarning,
+    QEqError,
+    QEqInputError,
+    QEqNeighborError,
+    QEqRangeError,
+    QEqResourceError,
+)
 from .gradients import GRADIENTS, Envelope, Implicit, Unrolled, get_gradient
 from .kernels import KERNELS, Gaussian, Point, ReaxFF, Slater, get_kernel
 from .lammps_io import read_lammps_qeq, write_lammps_qeq

@@ -19,6 +19,15 @@ class QEqResourceError(QEqInputError):
     need more memory than allowed (``checks.Limits.max_memory``); found before anything is built."""
 
 
+class QEqNeighborError(QEqError, RuntimeError):
+    """A neighbour list that kept overflowing while its capacity grew to the allowed maximum
+    (``neighbors.until_it_fits``); ``error`` holds the bits of ``neighbors.REASONS``."""
+
+    def __init__(self, message: str, error: int = 0):
+        super().__init__(message)
+        self.error = int(error)
+
+
 class QEqConvergenceError(QEqError, RuntimeError):
     """A charge solve whose result cannot be trusted (not converged where convergence is required,
     or a hardness matrix that is not positive definite)."""

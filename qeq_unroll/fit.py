@@ -7,8 +7,8 @@ The data may mix free-space clusters and periodic cells (``dataset``): periodic 
 their neighbours (built once, ``batcher_for``) and their stress. The model is the one energy
 function (``energy.qeq_energy``): predictions come from ``loss.predict`` mapped over a batch, so
 the forces and stress in the loss are derivatives of the energy the model reports, and parameter
-gradients of a force loss are second derivatives through the charge solver (``unrolled`` or ``implicit`` gradient mode; ``envelope`` gives wrong
-parameter gradients, see the tests).
+gradients of a force loss are second derivatives through the charge solver (``unrolled`` or
+``implicit`` gradient mode; ``envelope`` gives wrong parameter gradients, see the tests).
 
 Loss of a batch (means over the structures/atoms/components that have the reference)::
 
@@ -54,21 +54,20 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from . import lm
+from . import ewald, lm
 from .dataset import Batch, Batcher, BatchPlan, Dataset
-from .neighbors import stackable
 from .errors import QEqInputError, require_positive_integers
 from .loss import (  # noqa: F401  (re-exported: the fitting API in one place)
     TERMS,
     add_sums,
     batch_sums,
     least_squares_offsets,
-    term_counts,
-    weighted_residuals,
     loss_from_sums,
     metrics_from_sums,
     predict,
     sums_of_errors,
+    term_counts,
+    weighted_residuals,
 )
 from .parametrisation import (  # noqa: F401  (re-exported)
     GROUPS,
@@ -78,6 +77,7 @@ from .parametrisation import (  # noqa: F401  (re-exported)
     make_parametrisation,
     pair_reference_distances,
 )
+from .neighbors import stackable
 from .params import Params, write_atomic
 
 CHECKPOINT_FORMAT = "qeq-unroll-fit-checkpoint"
@@ -92,8 +92,8 @@ class FitConfig:
     """What is trained and how.
 
     train: groups of ``GROUPS``. weights: loss weights of ``TERMS`` (energy per atom in
-    (eV/atom)⁻², forces (eV/Å)⁻², charges e⁻², dipole (e·Å)⁻², stress (eV/Å³)⁻²). pull: weight of the pull toward the
-    start. optimizer: "adam" | "lbfgs" (full batch, one iteration per epoch) | "lm"
+    (eV/atom)⁻², forces (eV/Å)⁻², charges e⁻², dipole (e·Å)⁻², stress (eV/Å³)⁻²). pull: weight
+    of the pull toward the start. optimizer: "adam" | "lbfgs" (full batch, one iteration per epoch) | "lm"
     (Levenberg–Marquardt, full batch, one iteration per epoch, stops at a minimum; ``lm``: for
     models with tens of parameters, where it converges quadratically). learning_rate: Adam's
     peak rate in raw coordinates (ignored by L-BFGS, which line-searches). schedule: "cosine"
@@ -432,13 +432,19 @@ def _initial_offsets(fitter: Fitter, raw, batcher: Batcher) -> np.ndarray:
     return _offsets(batcher.all_batches(), lambda b: jax.device_get(fitter.sums(raw, fitter.shard(b))[1]))
 
 
+#: Gaussian widths may grow by this factor in a fit before its Ewald sums lose their accuracy.
+WIDTH_MARGIN = 1.2
+
+
 def batcher_for(dataset: Dataset, model, params: Params, batch_size: int, devices: int = 1, min_bucket: int = 0) -> Batcher:
     """The :class:`Batcher` of a fit: periodic structures get the dense all-images layout (exact
-    for their cell, nothing to outgrow) made ``neighbors.stackable``, built once per structure
-    with the Ewald plan of the start ``params``."""
+    for their cell, nothing to outgrow) made ``neighbors.stackable``, built once per structure;
+    Ewald sums are planned for the start widths ``params.sigma`` times :data:`WIDTH_MARGIN`, room
+    for the widths to grow during the fit."""
+    planning = params.replace(sigma=params.sigma * WIDTH_MARGIN)
 
     def neighbors(system):
-        return stackable(model.neighbors(system, params, layout="images"))
+        return stackable(model.neighbors(system, planning, layout="images"))
 
     return Batcher(dataset, batch_size, multiple_of=devices, min_size=min_bucket, neighbors=neighbors)
 
@@ -768,6 +774,22 @@ def implausible(start: Params, fitted: Params, elements: Sequence[int]) -> list[
     return out
 
 
+def _ewald_warnings(run: _Run, fitted: Params) -> list[str]:
+    """A message when the fitted Gaussian widths need a longer Ewald real-space cutoff than the
+    one the periodic structures were planned with (:func:`batcher_for`)."""
+    kernel = run.energy.kernel
+    if not (kernel.ewald and any(c.periodic for c in run.train.configurations)):
+        return []
+    present = run.train.species_present()
+    start, end = (float(np.max(np.asarray(p.sigma)[present])) for p in (run.params, fitted))
+    used = kernel.cutoff or ewald.default_real_cutoff(WIDTH_MARGIN * start, kernel.accuracy)
+    needed = ewald.required_real_cutoff(end, kernel.accuracy)
+    if needed <= used:
+        return []
+    return [f"the fitted Gaussian widths (largest σ {end:.4g} Å) need an Ewald real-space cutoff of {needed:.4g} Å "
+            f"for accuracy {kernel.accuracy:g}; the cells were summed with {used:.4g} Å: fit again with that cutoff"]
+
+
 def _result(run: _Run, state: FitState) -> FitResult:
     final_raw = state.best_raw if run.val_eval else state.raw
     offsets = np.asarray(jax.device_get(final_raw["offsets"]))
@@ -780,7 +802,7 @@ def _result(run: _Run, state: FitState) -> FitResult:
         steps=state.step,
         stopped_early=state.stopped_early,
         initial=state.initial,
-        warnings=implausible(run.params, fitted, run.train.species_present()),
+        warnings=implausible(run.params, fitted, run.train.species_present()) + _ewald_warnings(run, fitted),
     )
 
 

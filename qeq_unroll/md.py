@@ -46,8 +46,8 @@ import numpy as np
 from jax import lax
 
 from .checks import Limits
-from .errors import QEqError, QEqInputError, require_positive_integers
-from .neighbors import reasons
+from .errors import QEqError, QEqInputError, QEqNeighborError, require_positive_integers
+from .neighbors import GROWTH, MAX_CAPACITY_MULTIPLIER, until_it_fits
 
 #: One femtosecond in the unit of time Å·√(amu/eV).
 FS = 1e-5 * math.sqrt(1.602176634e-19 / 1.66053906660e-27)
@@ -212,7 +212,7 @@ class Settings:
     min_distance: float = 0.4
     charge_margin: float = 4.0
     capacity_multiplier: float = 1.25
-    max_capacity_multiplier: float = 4.0
+    max_capacity_multiplier: float = MAX_CAPACITY_MULTIPLIER
 
     def __post_init__(self):
         if self.ensemble not in ("nve", "langevin", "nose-hoover"):
@@ -346,20 +346,20 @@ def _blow_up(settings, rec, e0, n, bound):
 
 
 def _allocate(nfn, positions, multiplier, settings, step):
-    """A neighbour list that fits ``positions``, growing the capacity factor by 1.5× while it
-    overflows; ``(neighbors, multiplier)``. MDError past ``max_capacity_multiplier``."""
-    error = 0
-    while multiplier <= settings.max_capacity_multiplier * (1 + 1e-12):
-        nbrs = nfn.allocate(positions, multiplier)
-        if not bool(nbrs.did_buffer_overflow):
-            return nbrs, multiplier
-        error = int(nbrs.error)
-        multiplier *= 1.5
-    raise MDError(
-        f"the neighbour list overflowed at step {step} and cannot be made to fit: {'; '.join(reasons(error))}. Its "
-        f"capacity factor would exceed max_capacity_multiplier = {settings.max_capacity_multiplier} (atoms crowd "
-        "far beyond the density they had when the list was allocated); raise the limit or check the structure"
-    )
+    """A neighbour list that fits ``positions`` (``neighbors.until_it_fits``); ``(neighbors,
+    multiplier)``. MDError past ``max_capacity_multiplier``."""
+
+    def attempt(m):
+        nbrs = nfn.allocate(positions, m)
+        return nbrs, nbrs.error
+
+    try:
+        return until_it_fits(attempt, multiplier, settings.max_capacity_multiplier)
+    except QEqNeighborError as exc:
+        raise MDError(
+            f"the neighbour list overflowed at step {step} and cannot be made to fit: {exc}; raise "
+            "max_capacity_multiplier or check the structure"
+        ) from None
 
 
 def run(settings, energy, params, system, masses, momenta=None, charges=None, skin=1.0, layout="auto") -> Iterator[Record]:
@@ -420,7 +420,7 @@ def run(settings, energy, params, system, masses, momenta=None, charges=None, sk
                 f"{rec.step[i] - settings.report_every} were kept"
             )
         if valid < settings.block:  # the list overflowed: allocate a larger one, redo the block
-            nbrs, multiplier = _allocate(nfn, state.position, multiplier * 1.5, settings, rec.step[valid])
+            nbrs, multiplier = _allocate(nfn, state.position, multiplier * GROWTH, settings, rec.step[valid])
             continue
         state, nbrs = new_state, new_nbrs
         done += steps_per_block

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checks, ewald, pme
-from .errors import QEqInputError
+from .errors import QEqInputError, QEqNeighborError
 from .periodic import frame, heights, image_range, image_shifts
 from .system import size_bucket
 
@@ -388,6 +388,28 @@ class Neighbors:
 
 
 jax.tree_util.register_dataclass(Neighbors, data_fields=["pairs", "reciprocal"], meta_fields=[])
+
+#: Growth of a neighbour list's capacity factor after an overflow, and the default ceiling.
+GROWTH, MAX_CAPACITY_MULTIPLIER = 1.5, 4.0
+
+
+def until_it_fits(attempt, multiplier: float = 1.25, max_multiplier: float = MAX_CAPACITY_MULTIPLIER):
+    """Call ``attempt(multiplier) -> (result, error)`` (error: bits of :data:`REASONS`, 0 when the
+    list can be trusted) with the capacity factor growing by :data:`GROWTH` until it returns no
+    error; ``(result, multiplier)``. The one retry loop of the calculator and of MD: it raises
+    ``QEqNeighborError``, naming the reasons, once the factor would pass ``max_multiplier``."""
+    error = 0
+    while multiplier <= max_multiplier * (1 + 1e-12):
+        result, error = attempt(multiplier)
+        if not int(error):
+            return result, multiplier
+        multiplier *= GROWTH
+    raise QEqNeighborError(
+        f"{'; '.join(reasons(error))}. Its capacity factor would exceed {max_multiplier} (atoms crowd far beyond the "
+        "density they had when the list was allocated)",
+        int(error),
+    )
+
 
 #: Lattice translation (in cells) of the padding entries of :func:`stackable` image lists.
 FAR_SHIFT = 1.0e6

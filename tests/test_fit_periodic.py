@@ -164,3 +164,15 @@ def test_default_fit_recovers_hidden_parameters_from_periodic_cells():
         assert_recovered(start)
     assert result.history[-1]["train"]["stress_rmse_gpa"] < 1e-4
     assert len(result.history) < 100  # stopped at the minimum
+
+
+def test_widths_that_outgrow_the_ewald_cutoff_are_named():
+    """The cells of a fit are summed with the Ewald cutoff of the start widths; fitted widths that
+    need a longer one are reported with the cutoff they need."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(energy=qu.QEqModel(KERNELS["gaussian"], qu.Exact(), qu.get_gradient("unrolled")),
+                          train=data("gaussian"), params=HIDDEN)  # fmt: skip
+    assert F._ewald_warnings(run, HIDDEN.replace(sigma=HIDDEN.sigma * 1.15)) == []
+    (message,) = F._ewald_warnings(run, HIDDEN.replace(sigma=HIDDEN.sigma * 1.5))
+    assert "largest σ 1.65 Å" in message and "need an Ewald real-space cutoff of 14.16 Å" in message, message

@@ -267,3 +267,22 @@ def test_bad_list_settings_are_named(kwargs, message):
     settings = {"cutoff": 5.0, **kwargs}
     with pytest.raises(qu.QEqInputError, match=message):
         qu.neighbor_list(system_of(pos, kinds, cell), settings.pop("cutoff"), **settings)
+
+
+def test_until_it_fits_grows_the_capacity_and_names_why_it_gave_up():
+    """The one retry of the calculator and MD: the capacity factor grows by GROWTH until a list
+    fits; past the ceiling a QEqNeighborError names the reasons."""
+    from qeq_unroll.errors import QEqNeighborError
+    from qeq_unroll.neighbors import CAPACITY, GROWTH, until_it_fits
+
+    tried = []
+
+    def attempt(m):
+        tried.append(m)
+        return f"list at {m:g}", 0 if m >= 2.0 else CAPACITY
+
+    assert until_it_fits(attempt, 1.0) == ("list at 2.25", 2.25)
+    assert tried == [1.0, GROWTH, GROWTH**2]
+    with pytest.raises(QEqNeighborError, match="more neighbours within cutoff") as info:
+        until_it_fits(lambda m: (None, CAPACITY), 1.25, max_multiplier=3.0)
+    assert info.value.error == CAPACITY
