@@ -65,9 +65,9 @@ class Implicit:
                 # The adjoint right-hand side b_q is ∂E/∂q = χ + Hq, at the solution a multiplier
                 # per fragment plus the small tangent residual. Only its tangent part t moves q; the
                 # rest shifts λ, which the line below recovers from b_q. Solving with χ = −t keeps
-                # float32 from losing t under the large uniform part (it stalled there at 1000
-                # iterations, with a wrong adjoint); the residual stays relative to ‖b_q‖, so the
-                # adjoint is solved to the same absolute accuracy as before in float64.
+                # float32 from losing t under the large uniform part (solving with b_q itself, t
+                # drowns in its rounding and the iteration cannot reach the tolerance); the residual
+                # is measured relative to ‖b_q‖, the scale of the full right-hand side.
                 b_q, b_lam = b[:n], b[n:]
                 posed = problem._replace(chi=-tangent(b_q, problem), targets=-b_lam, scale=jnp.linalg.norm(b_q), guess=guess)
                 q, diagnostics = _forward(solver)(posed)

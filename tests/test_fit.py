@@ -327,7 +327,7 @@ def test_checkpoints_of_another_version_say_so(uninterrupted, tmp_path):
     _, d = uninterrupted
     state = json.loads((d / "ck.json").read_text())
     (tmp_path / "old.json").write_text(json.dumps({**state, "version": 0}))
-    with pytest.raises(QEqInputError, match=r"old\.json has format version 0, this qeq-unroll reads version 1: start the fit again"):
+    with pytest.raises(QEqInputError, match=r"old\.json has format version 0, this qeq-unroll reads version 2: start the fit again"):
         F.load_checkpoint(tmp_path / "old.json")
     (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(QEqInputError, match="not a qeq-unroll fit checkpoint"):
