@@ -8,8 +8,10 @@ One iteration forms the Gauss–Newton normal equations over the whole training 
 
 and tries the step δ = −(A + λ D)⁻¹ g with D = diag(A) (Marquardt's scaling, which makes the step
 independent of the units of each coordinate). A step that lowers L is taken and λ shrinks by
-``SHRINK``; otherwise, or when it would change a raw coordinate by more than ``MAX_STEP``, λ grows
-by ``GROW`` and the step is tried again, up to ``TRIES`` times. On
+``SHRINK``; otherwise λ grows by ``GROW`` and the step is tried again, up to ``TRIES`` times. A
+step that would change a raw coordinate by more than ``MAX_STEP`` is shortened to that length
+first (a trust region in the raw coordinates: along directions the data hardly constrain, the
+Gauss–Newton step can be far longer than the region where its model holds). On
 data the model represents exactly (zero residual at the optimum) the iterations converge
 quadratically, where first-order methods crawl along the ill-conditioned directions (Δχ against J
 against σ). When no step lowers the loss any more, the fit has reached a minimum (``converged``).
@@ -27,8 +29,8 @@ import numpy as np
 
 #: Starting damping λ, its factors after a taken and a refused step, and the tries per iteration.
 START_DAMPING, SHRINK, GROW, TRIES = 1.0e-3, 3.0, 4.0, 12
-#: Largest change of a raw coordinate in one iteration (a factor e for the logarithmic ones): a
-#: longer step, along a direction the data hardly constrain, is refused and damped further.
+#: Largest change of a raw coordinate in one iteration (a factor e for the logarithmic ones);
+#: longer steps are shortened to it.
 MAX_STEP = 1.0
 #: Damping beyond which no step is sought (the gradient is resolved to rounding).
 MAX_DAMPING = 1.0e10
@@ -54,15 +56,13 @@ def iterate(normal: Callable, value: Callable, x: np.ndarray, damping: float) ->
     """One Levenberg–Marquardt iteration from ``x``: ``normal(x) -> (A, g, L)`` and ``value(x) ->
     L`` over the whole data. Returns ``(x, damping, L, moved)``: the new point (``x`` when no
     tried step lowered the loss), the damping for the next iteration, its loss, and whether it
-    moved."""
+    made progress (``PROGRESS``, ``STEP``): False at a minimum."""
     a, g, loss = normal(x)
     for _ in range(TRIES):
         if damping > MAX_DAMPING:
             break
         step = solve(a, g, damping)
-        if np.max(np.abs(step), initial=0.0) > MAX_STEP:  # a direction the data hardly see: damp harder
-            damping *= GROW
-            continue
+        step *= min(1.0, MAX_STEP / max(np.max(np.abs(step), initial=0.0), 1e-300))
         new = value(x + step)
         if np.isfinite(new) and new < loss:
             moved = new < loss * (1.0 - PROGRESS) and np.linalg.norm(step) > STEP * (np.linalg.norm(x) + STEP)
