@@ -261,9 +261,10 @@ def run_fit(args, echo=print) -> int:
     if args.lammps_out:
         written.append(_write_lammps(args, result, kernel, train, echo))
     echo(f"wrote {', '.join(written)}")
+    present = {params.elements[i] for i in train.species_present()}
     if result.offsets:
         echo("energy offsets (eV/atom of each element): " + ", ".join(
-            f"{el} {b:.4f}" for el, b in result.offsets.items() if b != 0.0))
+            f"{el} {b:.4f}" for el, b in result.offsets.items() if el in present))
     return 0
 
 

@@ -11,7 +11,8 @@ independent of the units of each coordinate). A step that lowers L is taken and 
 ``SHRINK``; otherwise λ grows by ``GROW`` and the step is tried again, up to ``TRIES`` times. A
 step that would change a raw coordinate by more than ``MAX_STEP`` is shortened to that length
 first (a trust region in the raw coordinates: along directions the data hardly constrain, the
-Gauss–Newton step can be far longer than the region where its model holds). On
+Gauss–Newton step can be far longer than the region where its model holds); after a shortened
+step λ grows instead of shrinking, so that the next steps damp that direction. On
 data the model represents exactly (zero residual at the optimum) the iterations converge
 quadratically, where first-order methods crawl along the ill-conditioned directions (Δχ against J
 against σ). When no step lowers the loss any more, the fit has reached a minimum (``converged``).
@@ -62,11 +63,16 @@ def iterate(normal: Callable, value: Callable, x: np.ndarray, damping: float) ->
         if damping > MAX_DAMPING:
             break
         step = solve(a, g, damping)
-        step *= min(1.0, MAX_STEP / max(np.max(np.abs(step), initial=0.0), 1e-300))
+        longest = np.max(np.abs(step), initial=0.0)
+        if longest > MAX_STEP:
+            step *= MAX_STEP / longest
         new = value(x + step)
         if np.isfinite(new) and new < loss:
             moved = new < loss * (1.0 - PROGRESS) and np.linalg.norm(step) > STEP * (np.linalg.norm(x) + STEP)
-            return x + step, max(damping / SHRINK, 1e-15), float(new), bool(moved)
+            # a shortened step leaves the damping to grow: Marquardt's scaling then holds back the
+            # weakly constrained direction that made it long, and the others move freely again
+            damping = damping * GROW if longest > MAX_STEP else max(damping / SHRINK, 1e-15)
+            return x + step, damping, float(new), bool(moved)
         damping *= GROW
     return x, damping, float(loss), False
 
