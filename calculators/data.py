@@ -42,9 +42,12 @@ DEFAULT_KEYS = {"energy": "REF_energy", "forces": "REF_forces", "charges": "REF_
                 "stress": "REF_stress"}
 #: The shipped xTB sets (see examples/make_reference_data.py and data/reference/README.md): GFN2-xTB
 #: clusters ("train", "heldout") and GFN1-xTB periodic cells with stress ("periodic-train",
-#: "periodic-heldout"; two methods: never fit both on one energy scale).
+#: "periodic-heldout"; two methods: never fit both on one energy scale) and the GFN2-xTB
+#: charge-transfer set ("ct-train", "ct-heldout": NaCl clusters with and without an extra Na⁺,
+#: the C10H2 chain neutral and protonated at one end).
 SHIPPED = {"train": "xtb-train.xyz", "heldout": "xtb-heldout.xyz",
-           "periodic-train": "xtb-periodic-train.xyz", "periodic-heldout": "xtb-periodic-heldout.xyz"}
+           "periodic-train": "xtb-periodic-train.xyz", "periodic-heldout": "xtb-periodic-heldout.xyz",
+           "ct-train": "xtb-ct-train.xyz", "ct-heldout": "xtb-ct-heldout.xyz"}
 _PER_ATOM = {"forces": (3,), "charges": ()}
 
 
@@ -52,7 +55,10 @@ def shipped_reference(part: str = "train") -> Path:
     """Path of a shipped reference file: ``"train"`` (GFN2-xTB NaCl clusters of 8, 16, 24, 32
     atoms and water clusters of 1-6 molecules), ``"heldout"`` (NaCl clusters of 12, 20, 28 atoms),
     ``"periodic-train"`` (GFN1-xTB rock-salt NaCl cells of 8 and 16 atoms, MgO cells of 8, water
-    boxes of 24 atoms, with stress) or ``"periodic-heldout"`` (NaCl cells of 64 atoms)."""
+    boxes of 24 atoms, with stress), ``"periodic-heldout"`` (NaCl cells of 64 atoms), or the
+    charge-transfer set ``"ct-train"``/``"ct-heldout"`` (GFN2-xTB Na_nCl_n and Na_(n+1)Cl_n⁺
+    clusters, C10H2 and C10H3⁺ chains; the held-out part is a random quarter of each structure's
+    perturbed copies)."""
     if part not in SHIPPED:
         raise QEqInputError(f"unknown shipped reference part '{part}' (valid: {', '.join(SHIPPED)})")
     return Path(str(resources.files("qeq_unroll.data").joinpath("reference", SHIPPED[part])))

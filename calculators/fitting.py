@@ -40,6 +40,13 @@ DEFAULTS = dict(
     weights="energy=1,forces=1,charges=0,dipole=0",
     pairs="born_mayer",
 )
+#: What ``--model neural`` changes: the start table gives only the baseline χ, J and widths of the
+#: data's elements; the networks and widths are trained, with Adam (thousands of weights).
+NEURAL_DEFAULTS = dict(params="rappe-goddard-1991", train="sigma,networks", optimizer="adam", lr=0.005, epochs=200)
+#: The most neighbours within the descriptor cutoff that the search for the data's largest count takes.
+MAX_NEIGHBORS_SEARCHED = 256
+#: ``--model local``: the networks of ``neural`` without charges (solver ``none``).
+LOCAL_DEFAULTS = dict(NEURAL_DEFAULTS, train="networks")
 #: Stress weight, (eV/Å³)⁻², when the data hold stress and ``--weights`` does not name it: a
 #: 0.01 eV/Å³ (1.6 GPa) error then weighs like a 32 meV/atom energy error.
 DEFAULT_STRESS_WEIGHT = 10.0
@@ -73,23 +80,34 @@ def add_fit(subparsers) -> None:
         "request, LAMMPS parameter files.",
     )
     p.add_argument("train_files", nargs="+", metavar="TRAIN.xyz", help="training data (extended XYZ)")
-    p.add_argument("--out", required=True, help="fitted parameter set to write (JSON)")
+    p.add_argument("--out", required=True, help="fitted parameter set, or model file with --model neural|local, to write (JSON)")
     # a fit differentiates through the solver: no envelope gradients, no learned solver
-    add_model_options(p, params=DEFAULTS["params"], iterations_default=DEFAULTS["iterations"], solvers=tuple(SOLVERS),
+    p.add_argument("--model", choices=("table", "neural", "local"), default="table",
+                   help="table: chi, J and pair terms per element; neural: chi and J from each atom's environment "
+                   "(symmetry functions, per-element networks) and a short-range network; local: the short-range "
+                   "network alone, no charges (the baseline a charge model must beat); default table")
+    p.add_argument("--hidden", default="16,16", help="neural: hidden layer widths (default 16,16)")
+    p.add_argument("--descriptor-cutoff", type=float, default=6.0, help="neural: symmetry-function cutoff in A (default 6)")
+    p.add_argument("--max-neighbors", type=int, default=None,
+                   help="neural: neighbours within the descriptor cutoff an atom may have (default 1.5 x the most in the data)")
+    p.add_argument("--charge-in-short", action="store_true", help="neural: the short-range network also takes the atom's charge")
+    add_model_options(p, params=None, params_help=f"{DEFAULTS['params']}; neural: the baseline chi, J and widths, "
+                      f"{NEURAL_DEFAULTS['params']}", iterations_default=DEFAULTS["iterations"], solvers=tuple(SOLVERS),
                       gradients=("unrolled", "implicit"), gradient=DEFAULTS["gradient"], tol=1e-10, tol_help="default 1e-10")
     p.add_argument("--coulomb-constant", type=float, default=None, help="k_e in eV*A (default 14.399645)")
     p.add_argument("--validation", default=DEFAULTS["validation"],
                    help="validation data: an extended XYZ file, or a fraction of the training data held "
                    "out (default 0.1; 0 for none). The split is stored in --split and reused")
     p.add_argument("--split", default=None, help="file of the persisted train/validation split (default OUT.split.json)")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs (default 100; lm stops earlier at a minimum)")
-    p.add_argument("--train", default=DEFAULTS["train"],
-                   help="parameter groups to fit, from chi, hardness, sigma, gamma, pairs (default chi,hardness,sigma,pairs)")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam peak learning rate (default 0.02)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 100, neural 200; lm stops earlier at a minimum)")
+    p.add_argument("--train", default=None,
+                   help="parameter groups to fit, from chi, hardness, sigma, gamma, pairs, networks (default "
+                   "chi,hardness,sigma,pairs; neural sigma,networks; local networks)")
+    p.add_argument("--lr", type=float, default=None, help="Adam peak learning rate (default 0.02, neural 0.005)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule (default cosine)")
-    p.add_argument("--optimizer", choices=("lm", "adam", "lbfgs"), default=DEFAULTS["optimizer"],
+    p.add_argument("--optimizer", choices=("lm", "adam", "lbfgs"), default=None,
                    help="lm (Levenberg-Marquardt, full batch, one iteration per epoch, stops at a minimum: for tens of "
-                   "parameters), adam (mini-batches) or lbfgs (full batch); default lm")
+                   "parameters), adam (mini-batches) or lbfgs (full batch); default lm, neural adam")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="structures per batch (default 16)")
     p.add_argument("--weights", default=DEFAULTS["weights"],
                    help="loss weights, e.g. energy=1,forces=1,charges=0.5,dipole=0,stress=10 (energy per atom; stress in "
@@ -220,15 +238,57 @@ def _config(args, weights):
     )
 
 
+def _resolve_defaults(args) -> None:
+    """Fill the options left unset with the defaults of the chosen ``--model``."""
+    defaults = {**DEFAULTS, **{"neural": NEURAL_DEFAULTS, "local": LOCAL_DEFAULTS}.get(args.model, {})}
+    for name in ("params", "train", "optimizer", "lr", "epochs"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+
+
+def _read(args, params, keys, required, echo):
+    """The training data; with ``--model neural``, ``params`` cut down to the data's elements
+    (the networks take one input block per element) and the data read again against it."""
+    train, report = _load_data(args.train_files, params, keys, required, args.on_nonfinite, echo)
+    if args.model != "table":
+        params = params.restricted([params.elements[i] for i in train.species_present()])
+        train, report = _load_data(args.train_files, params, keys, required, args.on_nonfinite, lambda *_: None)
+    return params, train
+
+
+def _neural(args, params, kernel, solver, kwargs, train, echo):
+    """``(energy, params)`` of a fresh neural (or local) model on ``params``' elements, its
+    neighbour slots and feature standardisation fitted to the training data."""
+    import jax
+
+    import qeq_unroll as qu
+    from qeq_unroll import fit as F
+    from qeq_unroll.neural import fitted_to_data, neural_terms
+
+    hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+    n = len(params.elements)
+    terms = neural_terms(n, args.descriptor_cutoff, hidden, charge_in_short=args.charge_in_short,
+                         max_neighbors=args.max_neighbors or MAX_NEIGHBORS_SEARCHED)  # fmt: skip
+    params = params.replace(networks=terms.init_networks(jax.random.PRNGKey(args.seed), n, params.chi.dtype))
+    probe = qu.qeq_energy(kernel, solver, args.gradient, terms=terms, **kwargs)
+    terms, params = fitted_to_data(probe, params, F.batcher_for(train, probe, params, args.batch_size),
+                                   margin=1.0 if args.max_neighbors else 1.5)  # fmt: skip
+    echo(f"{args.model} model: {terms.descriptors.size} symmetry functions per atom (cutoff {args.descriptor_cutoff:g} A, "
+         f"{terms.descriptors.max_neighbors} neighbour slots), networks {terms.descriptors.size}-{'-'.join(map(str, hidden))} "
+         f"per element; baseline chi, J and widths from '{params.name}'")
+    return qu.qeq_energy(kernel, solver, args.gradient, terms=terms, **kwargs), params
+
+
 def run_fit(args, echo=print) -> int:
     import qeq_unroll as qu
     from qeq_unroll import fit as F
 
+    _resolve_defaults(args)
     params = qu.load_params(args.params)
     keys = _parse_pairs(args.keys, "--keys")
     given = _parse_pairs(args.weights, "--weights", float)
     required = [k for k, w in given.items() if w > 0 and k != "stress"]  # stress: bulk cells only
-    train, report = _load_data(args.train_files, params, keys, required, args.on_nonfinite, echo)
+    params, train = _read(args, params, keys, required, echo)
     weights = _weights(args, train, echo)
     stem = _stem(args.out)
     train, validation, split_note = _split(args, train, stem, params, keys, required, echo)
@@ -241,21 +301,27 @@ def run_fit(args, echo=print) -> int:
     kernel = qu.get_kernel(args.kernel, args.cutoff)
     solver = qu.get_solver(args.solver, args.iterations, args.tol, args.max_iterations)
     kwargs = {} if args.coulomb_constant is None else {"coulomb_constant": args.coulomb_constant}
-    energy = qu.qeq_energy(kernel, solver, args.gradient, **kwargs)
+    if args.model == "local":
+        solver = qu.get_solver("none")
+    if args.model != "table":
+        energy, params = _neural(args, params, kernel, solver, kwargs, train, echo)
+    else:
+        energy = qu.qeq_energy(kernel, solver, args.gradient, **kwargs)
     checkpoint = args.checkpoint or f"{stem}.ckpt.json"
     log = args.log or f"{stem}.log.jsonl"
     k_text = "to tol" if args.iterations is None else f"K={args.iterations}"
+    solver_text = "none (no charges)" if energy.solver.name == "none" else f"{args.solver} {k_text}"
     n_periodic = sum(c.periodic for c in train.configurations)
     echo(f"qeq-unroll fit: {len(train)} training ({n_periodic} periodic) and {0 if validation is None else len(validation)} "
-         f"validation configurations ({split_note}); start '{params.name}', kernel {kernel.name}, solver {args.solver} "
-         f"{k_text}, {args.gradient} gradients; training {', '.join(config.train)}; {args.optimizer}, {args.epochs} epochs")
+         f"validation configurations ({split_note}); start '{params.name}', kernel {kernel.name}, solver {solver_text}, "
+         f"{args.gradient} gradients; training {', '.join(config.train)}; {args.optimizer}, {args.epochs} epochs")
     try:
         result = F.fit(params, train, energy, config, validation=validation, checkpoint=checkpoint, log=log,
                        resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
         echo(f"\ninterrupted: the last checkpoint {checkpoint} is intact; continue with the same command and --resume")
         return 130
-    qu.save_params(result.params, args.out)
+    _save(args, result, energy)
     _report(args, result, energy, echo)
     written = [args.out, checkpoint, log]
     if args.lammps_out:
@@ -266,6 +332,18 @@ def run_fit(args, echo=print) -> int:
         echo("energy offsets (eV/atom of each element): " + ", ".join(
             f"{el} {b:.4f}" for el, b in result.offsets.items() if el in present))
     return 0
+
+
+def _save(args, result, energy) -> None:
+    """The fitted parameter set, or with ``--model neural`` or ``local`` the model file."""
+    import qeq_unroll as qu
+    from qeq_unroll.neural import save_model
+
+    if args.model != "table":
+        save_model(args.out, energy.terms, result.params, energy.kernel, energy.coulomb_constant, args.model == "neural",
+                   result.offsets)
+    else:
+        qu.save_params(result.params, args.out)
 
 
 def _report(args, result, energy, echo) -> None:

@@ -30,6 +30,7 @@ import qeq_unroll
 from qeq_unroll import checks
 from qeq_unroll.errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError, QEqNeighborError, QEqRangeError
 from qeq_unroll.learned import check_compatible, solver_from_file
+from qeq_unroll.neural import is_model_file, load_model
 from qeq_unroll.periodic import wrap
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
@@ -40,7 +41,8 @@ DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-5}
 class QEqCalculator(Calculator):
     """QEq charges, energy and exact forces for ASE.
 
-    params: built-in set name, JSON path or ``qeq_unroll.Params``. kernel: "gaussian" | "reaxff" |
+    params: built-in set name, JSON path, ``qeq_unroll.Params`` or a model file of
+    ``qeq-unroll fit --model neural`` (which fixes kernel, cutoff and Coulomb constant). kernel: "gaussian" | "reaxff" |
     "point". cutoff: Å (None: the kernel's default). solver: "exact" | "cg" | "gd" | "nag" |
     "learned" or a solver object; solver_params: the solver file (or
     ``qeq_unroll.learned.LearnedSolverParams``) of ``solver="learned"``. iterations: fixed K, or
@@ -106,8 +108,8 @@ class QEqCalculator(Calculator):
                 "or dtype='float64'"
             )
         checks.Limits(p.min_distance, p.charge_margin, p.max_memory)  # bad limits are an error here already
-        params = qeq_unroll.load_params(p.params)
-        self.kernel = qeq_unroll.get_kernel(p.kernel, p.cutoff)
+        params, terms, kernel, coulomb_constant = self._model(kwargs)
+        self.kernel = kernel
         if p.reciprocal is not None:
             if not self.kernel.ewald:
                 raise QEqInputError(f"reciprocal='{p.reciprocal}' is an option of the gaussian kernel, not '{self.kernel.name}'")
@@ -120,7 +122,7 @@ class QEqCalculator(Calculator):
             self.solver = qeq_unroll.get_solver(p.solver, p.iterations, tol, p.max_iterations)
         self.gradient = qeq_unroll.get_gradient(p.gradient)
         self.qeq_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self._dtype), params)
-        energy = qeq_unroll.qeq_energy(self.kernel, self.solver, self.gradient, p.coulomb_constant)
+        energy = qeq_unroll.qeq_energy(self.kernel, self.solver, self.gradient, coulomb_constant, terms=terms)
         self._energy = energy
         self._evaluate = jax.jit(qeq_unroll.energy_and_forces(energy))
         efs = qeq_unroll.energy_forces_stress(energy)
@@ -134,6 +136,27 @@ class QEqCalculator(Calculator):
         self._neighbors = None
         self._neighbors_key = None
         self._checked_size = None
+
+    def _model(self, given):
+        """``(params, terms, kernel, coulomb_constant)``: from a model file (``neural.save_model``),
+        which fixes the kernel and the Coulomb constant (naming others is an error), for a model
+        without charges the solver, and gives per-element energy offsets (added to the energy); or from a parameter set with the ``kernel``, ``cutoff``
+        and ``coulomb_constant`` keywords."""
+        p = self.parameters
+        self._offsets = {}
+        if not is_model_file(p.params):
+            return qeq_unroll.load_params(p.params), None, qeq_unroll.get_kernel(p.kernel, p.cutoff), p.coulomb_constant
+        terms, params, settings = load_model(p.params)
+        self._offsets = settings["energy_offsets"]
+        kernel = settings["kernel"]
+        fixed = {"kernel": kernel["name"], "cutoff": kernel["cutoff"], "coulomb_constant": settings["coulomb_constant"]}
+        if not settings["charges"]:
+            fixed["solver"] = "none"
+            p.solver = "none"
+        for key, value in fixed.items():
+            if key in given and given[key] != value:
+                raise QEqInputError(f"model file {p.params} was trained with {key}={value}; got {key}={given[key]}")
+        return params, terms, qeq_unroll.get_kernel(kernel["name"], kernel["cutoff"]), settings["coulomb_constant"]
 
     @property
     def limits(self) -> checks.Limits:
@@ -177,9 +200,10 @@ class QEqCalculator(Calculator):
     def _store(self, atoms, energy, forces, aux):
         n = len(atoms)
         q = np.asarray(aux["charges"][:n], dtype=float)
+        energy = float(energy) + sum(self._offsets.get(s, 0.0) for s in atoms.get_chemical_symbols())
         self.results = {
-            "energy": float(energy),
-            "free_energy": float(energy),
+            "energy": energy,
+            "free_energy": energy,
             "forces": np.asarray(forces[:n], dtype=float),
             "charges": q,
             "dipole": q @ atoms.positions,
@@ -269,6 +293,7 @@ class QEqCalculator(Calculator):
         symbols = atoms.get_chemical_symbols()
         closest = lambda: self._closest_pairs(system, neighbors)  # noqa: E731
         checks.check_distances(float(aux["min_distance"]), closest, symbols, self.limits)
+        self._energy.terms.check(aux)
         charges = np.asarray(aux["charges"][: len(atoms)], dtype=float)
         if not bool(aux["positive_definite"]) or not np.all(np.isfinite(charges)):
             raise QEqConvergenceError(

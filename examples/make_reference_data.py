@@ -1,10 +1,11 @@
-"""Generate xTB reference data (tblite) for fitting QEq parameters: clusters and periodic cells.
+"""Generate xTB reference data (tblite) for fitting QEq parameters: clusters, periodic cells, charge transfer.
 
     pip install -e ".[reference]"                       # tblite
     python examples/make_reference_data.py              # GFN2-xTB clusters, ~10 min on 2 cores
     python examples/make_reference_data.py --periodic   # GFN1-xTB periodic cells, ~2 min on 1 core
+    python examples/make_reference_data.py --charge-transfer  # GFN2-xTB charged/neutral pairs, ~20 s
 
-Both write to qeq_unroll/data/reference/ (``--out`` to change).
+All three write to qeq_unroll/data/reference/ (``--out`` to change).
 
 Free space (the default run), GFN2-xTB.
 
@@ -49,6 +50,28 @@ their ``strain`` (Voigt order, dimensionless). Files: ``xtb-periodic-train.xyz``
 ``xtb-periodic-heldout.xyz``. The run ends by comparing ``REF_stress`` of one cell per system with a
 central finite difference of the energy under strains of ±``--fd-strain``.
 
+Charge transfer (``--charge-transfer``), GFN2-xTB in free space, in the spirit of the 4G-HDNNP
+benchmarks (Ko et al., Nat. Commun. 12, 398 (2021)): pairs of structures that differ by one charged
+atom, so the charges far from it must move. The total charge is passed to tblite:
+
+- ``nacl``: neutral NaCl clusters of ``--ct-nacl-sizes`` atoms (``nacl_cluster``); ``nacl+``: the
+  same clusters plus one Na at the vacant rock-salt site next to a Cl nearest the centre, charge +1;
+- ``c10h2``: linear H-C≡C-...-C≡C-H with 10 carbons (bonds 1.21/1.35 Å, C-H 1.06 Å), neutral;
+  ``c10h3+``: the same chain with a second H on its first carbon (a CH2 end), charge +1.
+
+Each structure is relaxed at its charge (BFGS, 0.05 eV/Å), then labelled: the relaxed structure,
+``--ct-rattles`` rattled copies (Gaussian noise 0.03-0.12 Å; chains 0.01-``--ct-chain-rattle``,
+default 0.04 Å: at 0.1 Å their stiff C-C bonds reach 10 eV/Å RMS), for the chains ``--ct-bends``
+compressed/stretched (0.98-1.02 along the chain) and bent copies (a parabolic arch of 0-1 Å, plus
+0.02 Å noise), and ``--ct-md-snapshots`` snapshots of an NVE run started at 2 x ``--temperature``
+(NaCl 2 fs steps, every ``--md-every``; chains 0.5 fs, every 2 x ``--md-every``). Keys as in free
+space, plus ``total_charge`` (0 or 1), with ``system`` (``nacl``/``nacl+``/``c10h2``/``c10h3+``) in
+place of ``cluster``; ``config_type`` is ``relaxed``/``rattle``/``bend``/``md`` (bent copies carry
+``scale`` and ``bend``, Å). Files: of each structure's configurations other than the relaxed one,
+a random ``--ct-heldout`` fraction goes to ``xtb-ct-heldout.xyz``, the rest to ``xtb-ct-train.xyz``.
+The run ends with checks per structure: Mulliken charges sum to ``total_charge``, finite forces,
+the RMS force, the spread of the energy per atom and the charge of the chains' unprotonated end.
+
 Configurations whose SCF does not converge are skipped and counted. tblite runs with one thread
 (``OMP_NUM_THREADS=1``, set here unless given) so runs are reproducible; the random numbers come
 from ``--seed``.
@@ -81,6 +104,7 @@ from ase.optimize import BFGS  # noqa: E402
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "qeq_unroll" / "data" / "reference"
 NACL_SPACING = 2.82  # Å, bulk nearest-neighbour distance, the starting point before relaxation
 WATER_OH, WATER_HOH = 0.96, 104.5  # Å, degrees
+POLYYNE_CC, POLYYNE_CH = (1.21, 1.35), 1.06  # Å: alternating C≡C and C-C bonds, C-H
 #: The periodic set's method: GFN2-xTB's charges in MgO depend strongly on the cell size (docstring).
 PERIODIC_METHOD = "GFN1-xTB"
 NACL_A, MGO_A = 5.64, 4.21  # Å, conventional rock-salt lattice constants (experiment)
@@ -88,10 +112,12 @@ WATER_DENSITY = 1.0  # g/cm³
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))  # ASE's stress order
 
 
-def xtb_calculator(method: str = "GFN2-xTB"):
+def xtb_calculator(method: str = "GFN2-xTB", charge: int | None = None):
+    """tblite's ASE calculator; ``charge`` (e) is the total charge (None: tblite's default, the sum of
+    the initial charges, 0 here)."""
     from tblite.ase import TBLite
 
-    return TBLite(method=method, verbosity=0, max_iterations=300)
+    return TBLite(method=method, charge=charge, verbosity=0, max_iterations=300)
 
 
 # --- structures ------------------------------------------------------------------------------
@@ -110,6 +136,29 @@ def nacl_cluster(n: int, spacing: float = NACL_SPACING) -> Atoms:
     pos = spacing * np.concatenate([idx[na], idx[cl]]).astype(float)
     atoms = Atoms(["Na"] * (n // 2) + ["Cl"] * (n // 2), positions=pos - pos.mean(axis=0))
     return atoms
+
+
+def nacl_plus_cluster(n: int, spacing: float = NACL_SPACING) -> Atoms:
+    """``nacl_cluster(n)`` plus one Na (n + 1 atoms, Na_{n/2+1} Cl_{n/2}, total charge +1 in use) at
+    the vacant rock-salt site next to a Cl that lies nearest the centre (ties broken by coordinates)."""
+    atoms = nacl_cluster(n, spacing)
+    steps = spacing * np.vstack([np.eye(3), -np.eye(3)])
+    sites = (atoms.positions[atoms.symbols == "Cl"][:, None] + steps).reshape(-1, 3)
+    sites = sites[np.linalg.norm(sites[:, None] - atoms.positions, axis=-1).min(axis=1) > 0.5 * spacing]
+    key = np.round(sites, 6)
+    site = sites[np.lexsort((key[:, 2], key[:, 1], key[:, 0], np.round(np.linalg.norm(sites, axis=1), 6)))[0]]
+    return atoms + Atoms("Na", positions=[site])
+
+
+def polyyne(n_carbons: int, protonated: bool = False) -> Atoms:
+    """Linear H-C≡C-...-C≡C-H along z (bonds alternate 1.21/1.35 Å, C-H 1.06 Å). ``protonated``
+    gives the first carbon a second H (a CH2 end, H-C-H 120° in the xz plane; total charge +1 in
+    use). The unprotonated end's carbon and H are always the last two atoms."""
+    z = np.concatenate([[0.0], np.cumsum([POLYYNE_CC[k % 2] for k in range(n_carbons - 1)])])
+    x, dz = POLYYNE_CH * math.sin(math.pi / 3), POLYYNE_CH * math.cos(math.pi / 3)
+    first = [[-x, 0.0, -dz], [x, 0.0, -dz]] if protonated else [[0.0, 0.0, -POLYYNE_CH]]
+    pos = first + [[0.0, 0.0, c] for c in z] + [[0.0, 0.0, z[-1] + POLYYNE_CH]]
+    return Atoms(["H"] * len(first) + ["C"] * n_carbons + ["H"], positions=pos)
 
 
 def water_molecule(centre, rng) -> Atoms:
@@ -171,6 +220,17 @@ def rattled(atoms: Atoms, sigma: float, rng) -> Atoms:
     return atoms
 
 
+def bent_chain(atoms: Atoms, scale: float, bend: float) -> Atoms:
+    """A copy of a chain along z, compressed or stretched along z by ``scale`` about its middle and
+    bent into a parabolic arch whose middle moves ``bend`` Å along x (the two end atoms do not)."""
+    atoms = atoms.copy()
+    z = atoms.positions[:, 2]
+    half, u = 0.5 * np.ptp(z), z - 0.5 * (z.max() + z.min())
+    atoms.positions[:, 2] += (scale - 1.0) * u
+    atoms.positions[:, 0] += bend * (1.0 - (u / half) ** 2)
+    return atoms
+
+
 def strain_cell(atoms: Atoms, strain) -> Atoms:
     """A copy deformed by the symmetric 3 x 3 ``strain`` (dimensionless): cell and positions both
     become x (1 + strain)."""
@@ -193,12 +253,14 @@ class Labeller:
 
     def label(self, atoms: Atoms, calc, **info) -> Atoms | None:
         """A copy of ``atoms`` with REF_* properties from ``calc``, or None if the SCF failed. A
-        periodic ``atoms`` keeps its cell and gets ``REF_stress`` (eV/Å³, Voigt) and
-        ``total_charge`` 0 instead of ``REF_dipole``. No calculator is attached to the copy, so
+        periodic ``atoms`` keeps its cell and gets ``REF_stress`` (eV/Å³, Voigt) instead of
+        ``REF_dipole``. ``total_charge`` is written for a periodic ``atoms`` (0) and whenever
+        ``calc`` was given a charge (that charge). No calculator is attached to the copy, so
         extended XYZ holds the values only under the REF_* keys."""
         atoms = atoms.copy()
         atoms.calc = calc
         periodic = bool(atoms.pbc.any())
+        charge = calc.parameters.get("charge")
         self.calls += 1
         try:
             energy = atoms.get_potential_energy()
@@ -211,8 +273,8 @@ class Labeller:
         out = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
         out.info.update(info)
         out.info["n_atoms"] = len(out)
-        if periodic:
-            out.info["total_charge"] = 0
+        if periodic or charge is not None:
+            out.info["total_charge"] = int(charge or 0)
         out.info["REF_energy"] = float(energy)
         out.info["REF_stress" if periodic else "REF_dipole"] = np.asarray(extra, dtype=float)
         out.arrays["REF_forces"] = np.asarray(forces, dtype=float)
@@ -220,19 +282,19 @@ class Labeller:
         return out
 
 
-def relax(atoms: Atoms, fmax: float, steps: int, method: str = "GFN2-xTB") -> Atoms:
-    """BFGS relaxation of the positions (the cell stays fixed) to ``fmax`` eV/Å."""
+def relax(atoms: Atoms, fmax: float, steps: int, method: str = "GFN2-xTB", charge: int | None = None) -> Atoms:
+    """BFGS relaxation of the positions (the cell stays fixed) to ``fmax`` eV/Å, at total ``charge``."""
     atoms = atoms.copy()
-    atoms.calc = xtb_calculator(method)
+    atoms.calc = xtb_calculator(method, charge)
     BFGS(atoms, logfile=None).run(fmax=fmax, steps=steps)
     return atoms
 
 
-def md_snapshots(atoms: Atoms, labeller, rng, temperature, timestep_fs, n_steps, every, **info):
+def md_snapshots(atoms: Atoms, labeller, rng, temperature, timestep_fs, n_steps, every, charge=None, **info):
     """NVE velocity Verlet from Maxwell-Boltzmann velocities at 2 T (equipartition brings it to
-    about T); the configurations every ``every`` steps are labelled."""
+    about T), at total ``charge``; the configurations every ``every`` steps are labelled."""
     atoms = atoms.copy()
-    calc = xtb_calculator()
+    calc = xtb_calculator(charge=charge)
     atoms.calc = calc
     if hasattr(velocitydistribution, "thermalize_momenta"):  # ASE >= 3.29
         velocitydistribution.thermalize_momenta(atoms, 2.0 * temperature, rng=rng)
@@ -316,6 +378,33 @@ def water_box_configurations(args, rng, labeller):
     return [c for c in configs if c is not None]
 
 
+def ct_configurations(atoms: Atoms, system: str, charge: int, args, rng, labeller, timestep_fs, every, bends=0,
+                      rattle=(0.03, 0.12)):  # fmt: skip
+    """``atoms`` relaxed at total ``charge``, ``args.ct_rattles`` rattled copies (noise in ``rattle``, Å),
+    ``bends`` compressed/stretched and bent chains (``bent_chain``, scale 0.98-1.02, bend 0-1 Å,
+    plus 0.02 Å noise) and ``args.ct_md_snapshots`` MD snapshots ``every`` steps of ``timestep_fs``."""
+    base = relax(atoms, fmax=0.05, steps=args.relax_steps, charge=charge)
+    calc = xtb_calculator(charge=charge)
+    configs = [labeller.label(base, calc, system=system, config_type="relaxed")]
+    for sigma in np.linspace(*rattle, args.ct_rattles):
+        configs.append(labeller.label(rattled(base, sigma, rng), calc, system=system, config_type="rattle"))
+    for scale, bend in zip(np.linspace(0.98, 1.02, bends), rng.uniform(0.0, 1.0, bends)):
+        bent = rattled(bent_chain(base, scale, bend), 0.02, rng)
+        configs.append(labeller.label(bent, calc, system=system, config_type="bend", scale=float(scale), bend=float(bend)))
+    configs += md_snapshots(
+        base, labeller, rng, args.temperature, timestep_fs, args.ct_md_snapshots * every, every, charge=charge, system=system
+    )
+    return [c for c in configs if c is not None]
+
+
+def split_heldout(configs, fraction: float, rng):
+    """(train, held out): a random ``fraction`` of the configurations other than the relaxed one is
+    held out."""
+    pool = [i for i, c in enumerate(configs) if c.info["config_type"] != "relaxed"]
+    held = set(rng.choice(pool, size=round(fraction * len(pool)), replace=False).tolist())
+    return [c for i, c in enumerate(configs) if i not in held], [c for i, c in enumerate(configs) if i in held]
+
+
 def stress_fd_error(config: Atoms, step: float) -> float:
     """Largest |REF_stress - finite difference| (eV/Å³) of a labelled periodic configuration. Each
     Voigt component is (E(+h) - E(-h)) / (2 h V), E the energy (eV) under the symmetric strain whose
@@ -347,17 +436,31 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=400.0, help="MD temperature (K)")
     ap.add_argument("--relax-steps", type=int, default=150, help="BFGS steps of the xTB pre-relaxation")
     ap.add_argument("--seed", type=int, default=2024)
-    ap.add_argument("--periodic", action="store_true", help="make the periodic GFN1-xTB files instead")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--periodic", action="store_true", help="make the periodic GFN1-xTB files instead")
+    mode.add_argument("--charge-transfer", action="store_true", help="make the GFN2-xTB charge-transfer files instead")
     ap.add_argument("--cell-rattles", type=int, default=6, help="rattled copies per periodic cell")
     ap.add_argument("--cell-strains", type=int, default=6, help="strained copies per rock-salt cell")
     ap.add_argument("--water-boxes", type=int, default=3, help="periodic water boxes (8 molecules), training file")
     ap.add_argument("--fd-strain", type=float, default=1e-4, help="strain step of the stress check")
+    ap.add_argument("--ct-nacl-sizes", default="8,12", help="NaCl cluster sizes (atoms) of the charge-transfer set")
+    ap.add_argument("--ct-rattles", type=int, default=30, help="rattled copies per charge-transfer structure")
+    ap.add_argument("--ct-chain-rattle", type=float, default=0.04,
+                    help="largest rattle of the chains (Å; from 0.01): stiff C-C bonds reach 10 eV/Å at 0.1 Å")
+    ap.add_argument("--ct-bends", type=int, default=8, help="compressed/stretched and bent copies per chain")
+    ap.add_argument("--ct-md-snapshots", type=int, default=20, help="MD snapshots per charge-transfer structure")
+    ap.add_argument("--ct-heldout", type=float, default=0.25, help="fraction of each structure's perturbed copies held out")
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
     labeller = Labeller()
     t0 = time.time()
-    files, extra = periodic(args, rng, labeller) if args.periodic else free_space(args, rng, labeller, ap)
+    if args.periodic:
+        files, extra = periodic(args, rng, labeller)
+    elif args.charge_transfer:
+        files, extra = charge_transfer(args, rng, labeller)
+    else:
+        files, extra = free_space(args, rng, labeller, ap)
     from importlib.metadata import version
 
     for part, (path, count) in files.items():
@@ -449,6 +552,58 @@ def stress_checks(configs, step: float) -> dict:
         print(f"stress check {system} ({c.info['n_atoms']} atoms): max |REF_stress - FD| = {errors[system]:.1e} "
               f"eV/Å³ (max |REF_stress| {np.max(np.abs(c.info['REF_stress'])):.1e})", flush=True)
     return errors
+
+
+def charge_transfer(args, rng, labeller):
+    """The GFN2-xTB charge-transfer files; returns ({part: (path, count)}, {"ct_checks": {structure:
+    figures}})."""
+    nacl = dict(timestep_fs=2.0, every=args.md_every)
+    chain = dict(timestep_fs=0.5, every=2 * args.md_every, bends=args.ct_bends, rattle=(0.01, args.ct_chain_rattle))
+    sizes = [int(s) for s in args.ct_nacl_sizes.split(",") if s]
+    jobs = (
+        [(nacl_cluster(n), "nacl", 0, nacl) for n in sizes]
+        + [(nacl_plus_cluster(n), "nacl+", 1, nacl) for n in sizes]
+        + [(polyyne(10), "c10h2", 0, chain), (polyyne(10, protonated=True), "c10h3+", 1, chain)]
+    )
+    parts = {"train": [], "heldout": []}
+    for atoms, system, charge, md in jobs:
+        t = time.time()
+        new = ct_configurations(atoms, system, charge, args, rng, labeller, **md)
+        train, heldout = split_heldout(new, args.ct_heldout, rng)
+        parts["train"] += train
+        parts["heldout"] += heldout
+        print(f"{system} {len(atoms)} atoms: {len(new):3d} configurations, {len(heldout)} held out "
+              f"({time.time() - t:.0f} s)", flush=True)
+    files = {}
+    for part, configs in parts.items():
+        path = args.out / f"xtb-ct-{part}.xyz"
+        write_atomic(path, configs)
+        files[part] = (path, len(configs))
+    return files, {"ct_checks": ct_checks(parts["train"] + parts["heldout"])}
+
+
+def ct_checks(configs) -> dict:
+    """Per structure (system and size): the largest |sum of REF_charges - total_charge| (e), whether
+    every force is finite, the RMS of the REF_forces components (eV/Å, the error of guessing zero
+    forces), the standard deviation and range of REF_energy per atom (eV) and, for the chains, the
+    mean charge (e) of the carbon at the unprotonated end (the last but one atom, ``polyyne``)."""
+    groups = {}
+    for c in configs:
+        groups.setdefault(f"{c.info['system']} {c.info['n_atoms']}", []).append(c)
+    figures = {}
+    for name, group in groups.items():
+        forces = np.concatenate([c.arrays["REF_forces"] for c in group])
+        e = np.array([c.info["REF_energy"] / c.info["n_atoms"] for c in group])
+        row = figures[name] = dict(
+            charge_sum_error=float(max(abs(c.arrays["REF_charges"].sum() - c.info["total_charge"]) for c in group)),
+            forces_finite=bool(np.isfinite(forces).all()), force_rms=float(np.sqrt(np.mean(forces**2))),
+            energy_per_atom_std=float(e.std()), energy_per_atom_range=float(np.ptp(e)),
+        )
+        if name.startswith("c10"):
+            row["far_end_c_charge"] = float(np.mean([c.arrays["REF_charges"][-2] for c in group]))
+        text = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        print(f"check {name} atoms ({len(group)} configurations): {text}", flush=True)
+    return figures
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from . import ewald
 from .constants import COULOMB_CONSTANT
 from .errors import QEqInputError
-from .geometry import Pairs, dense_pairs, image_pairs, list_pairs, min_distance
+from .geometry import Pairs, free_pairs, image_pairs, list_pairs, min_distance
 from .gradients import get_gradient
 from .hardness import dense_hardness, electronegativity, pair_hardness
 from .kernels import get_kernel
@@ -73,10 +73,17 @@ def _geometry(kernel, system, source, reciprocal) -> Pairs:
     """The pairs the kernel couples: all pairs in free space, else those of the neighbours within
     the kernel's cutoff (the Ewald real-space cutoff for the periodic gaussian kernel)."""
     if source is None:
-        r, mask = dense_pairs(system)
-        return Pairs(r, mask, None)
+        return free_pairs(system)
     ewald_sum = system.periodic and kernel.ewald
     return _pairs(system, source, reciprocal.real_cutoff if ewald_sum else kernel.cutoff)
+
+
+def layout_pairs(kernel, system, neighbors=None) -> Pairs:
+    """The pairs ``kernel`` couples in ``system`` with ``neighbors`` (see :func:`_geometry`),
+    after checking that the three fit together."""
+    source, reciprocal = _unpack(neighbors)
+    _check_layout(kernel, system, source, reciprocal)
+    return _geometry(kernel, system, source, reciprocal)
 
 
 def _ewald_hardness(kernel, params, system, pairs, reciprocal, hardness, coulomb_constant):
@@ -98,8 +105,7 @@ def assemble(kernel, params, system, coulomb_constant=COULOMB_CONSTANT, neighbor
     terms) and a charge-independent energy (eV; the Ewald background of a charged cell). χ_i and
     J_i come from ``terms`` (``terms.ElementTable`` by default)."""
     source, reciprocal = _unpack(neighbors)
-    _check_layout(kernel, system, source, reciprocal)
-    pairs = _geometry(kernel, system, source, reciprocal)
+    pairs = layout_pairs(kernel, system, neighbors)
     atoms = terms.atom_terms(params, system, pairs)
     chi = electronegativity(atoms.chi, system)
     e_const = jnp.zeros((), chi.dtype)
@@ -172,6 +178,7 @@ class QEqModel:
             min_distance=jax.lax.stop_gradient(min_distance(pairs)),
             neighbors_overflow=jnp.asarray(False) if source is None else source.overflow,
             **diagnostics._asdict(),
+            **self.terms.diagnostics(params, system, pairs),
         )
         return e_qeq + e_short, aux
 

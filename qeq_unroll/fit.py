@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import time
@@ -84,6 +85,8 @@ CHECKPOINT_FORMAT = "qeq-unroll-fit-checkpoint"
 CHECKPOINT_VERSION = 2
 #: Optimisers: mini-batch Adam, full-batch L-BFGS, full-batch Levenberg–Marquardt (``lm``).
 OPTIMIZERS = ("adam", "lbfgs", "lm")
+#: The most raw coordinates ``lm`` takes (one forward-mode pass each per batch and iteration).
+LM_MAX_COORDINATES = 400
 
 
 # --- configuration and result ----------------------------------------------------------------
@@ -502,11 +505,20 @@ def _fingerprint(params, train, validation, config, model_name) -> dict:
         validation=None if validation is None else validation.fingerprint(),
         config=config.to_dict(),
         model=model_name,
+        **({"networks": _digest(params.networks)} if params.networks else {}),
     )
 
 
+def _digest(tree) -> str | None:
+    """A hash of the arrays of ``tree`` (None when it has none)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return None
+    return hashlib.sha256(b"".join(np.asarray(a, dtype=np.float64).tobytes() for a in leaves)).hexdigest()
+
+
 def _model_name(model) -> str:
-    return " ".join(repr(part) for part in (model.kernel, model.solver, model.gradient))
+    return " ".join(repr(part) for part in (model.kernel, model.solver, model.gradient, model.terms))
 
 
 def model_label(model) -> str:
@@ -656,6 +668,12 @@ def _setup(params, train, energy, config, validation) -> _Run:
     distances = pair_reference_distances(train)
     par = make_parametrisation(params, config.train, train.species_present(), gauge, distances)
     anchor = par.anchor(params, distances)
+    size = ravel_pytree(par.raw(anchor, jnp.zeros(len(params.elements))))[0].size
+    if config.optimizer == "lm" and size > LM_MAX_COORDINATES:
+        raise QEqInputError(
+            f"optimizer 'lm' builds JᵀJ with one forward pass per raw coordinate; this model has {size} "
+            f"(at most {LM_MAX_COORDINATES}): use optimizer 'adam'"
+        )
     batcher = batcher_for(train, energy, params, config.batch_size, config.devices, config.min_bucket)
     lbfgs = config.optimizer == "lbfgs"
     steps_per_epoch = 1 if config.optimizer in ("lbfgs", "lm") else len(batcher.plans())

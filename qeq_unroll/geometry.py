@@ -32,13 +32,18 @@ class Pairs(NamedTuple):
     (M, N) partner atom indices for the neighbour-list layout, None for the dense layouts;
     self_images (static): whether a list can hold an atom's own images (``neighbors[m, i] == i``);
     occupied: for a list, the number of leading slots that hold every counted pair (a traced int,
-    see ``slot_sum``'s ``stop``)."""
+    see ``slot_sum``'s ``stop``); vectors: the pair vectors x_j − x_i (+ the lattice translation)
+    in Å, laid out like ``r`` with a trailing axis of 3 (computed only where a consumer reads them:
+    environment descriptors); cutoff (static): the distance within which every pair is present
+    (Å; None: all pairs, free space)."""
 
     r: jax.Array
     mask: jax.Array
     neighbors: jax.Array | None = None
     self_images: bool = False
     occupied: jax.Array | None = None
+    vectors: jax.Array | None = None
+    cutoff: float | None = None
 
     def species(self, species):
         """(s_i, s_j) broadcastable against ``r``."""
@@ -98,6 +103,13 @@ def dense_pairs(system):
     return r, pair_mask
 
 
+def free_pairs(system) -> Pairs:
+    """Free-space ``Pairs``: all pairs of real atoms, with their vectors x_j − x_i."""
+    r, mask = dense_pairs(system)
+    pos = system.positions
+    return Pairs(r, mask, None, vectors=pos[None, :, :] - pos[:, None, :])
+
+
 def _safe(d, mask):
     r2 = jnp.sum(d * d, axis=-1)
     return jnp.sqrt(jnp.where(mask, r2, 1.0))
@@ -116,7 +128,7 @@ def image_pairs(system, shifts, cutoff):
     mask = real[None] & not_self
     r2 = jnp.sum(d * d, axis=-1)
     mask = mask & (r2 < cutoff * cutoff)
-    return Pairs(_safe(d, mask), mask, None)
+    return Pairs(_safe(d, mask), mask, None, vectors=d, cutoff=float(cutoff))
 
 
 def list_pairs(system, nbrs, cutoff=None):
@@ -141,7 +153,8 @@ def list_pairs(system, nbrs, cutoff=None):
     valid = valid & system.mask[None, :] & system.mask[j]
     cell = system.cell if system.periodic else jnp.zeros((3, 3), x.dtype)
     r, mask = _list_distances(x, cell, j, nbrs.shifts, valid, float(cutoff))
-    return Pairs(r, mask, j, nbrs.self_images, occupied_slots(mask))
+    vectors = jnp.stack(_pair_components(x, cell, j, nbrs.shifts), axis=-1)
+    return Pairs(r, mask, j, nbrs.self_images, occupied_slots(mask), vectors, float(cutoff))
 
 
 def occupied_slots(mask):

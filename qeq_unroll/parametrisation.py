@@ -6,7 +6,9 @@ stay positive at every step; the prefactor A of an exponential repulsion as the 
 repulsion at the pair's typical contact distance (which decouples it from ρ); χ and the
 Buckingham C as they are. χ is only defined up to a common shift per charge constraint (a uniform
 shift leaves neutral systems unchanged); with ``chi_gauge`` the mean χ of the trained elements is
-held at its start value. Units: χ eV/e, J eV/e², σ Å, γ 1/Å, pair coefficients as in ``params``.
+held at its start value. The weights of a neural model (``networks``: ``params.networks["chi"]``
+and ``["short"]``, see ``neural``) are raw coordinates as they are; their feature standardisation
+is not trained. Units: χ eV/e, J eV/e², σ Å, γ 1/Å, pair coefficients as in ``params``.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from .dataset import Dataset
 from .errors import QEqInputError
 from .params import PAIR_FORMS, Params, pair_key
 
 #: Groups of parameters that can be trained.
-GROUPS = ("chi", "hardness", "sigma", "gamma", "pairs")
+GROUPS = ("chi", "hardness", "sigma", "gamma", "pairs", "networks")
+#: The trained networks of a neural model (``params.networks``).
+NETWORKS = ("chi", "short")
 #: Element keys trained as logarithms (positive by construction).
 LOG_ELEMENT_KEYS = ("hardness", "sigma", "gamma")
 #: Pair coefficients trained as logarithms (positive by construction); A only when it starts > 0.
@@ -84,6 +90,8 @@ class Parametrisation:
                     v = jnp.log(v) - anchor["r_ref"][name] / params.pairs[k][f]["rho"]
                 out[name] = v
             raw["pairs"] = out
+        if "networks" in self.groups:
+            raw["networks"] = {k: params.networks[k] for k in NETWORKS}
         return raw
 
     def params(self, raw: Mapping, anchor: Mapping) -> Params:
@@ -110,6 +118,8 @@ class Parametrisation:
                     name = _pair_name(k, f, c)
                     pairs[k][f][c] = jnp.exp(raw["pairs"][name] + anchor["r_ref"][name] / pairs[k][f]["rho"])
             changes["pairs"] = pairs
+        if "networks" in raw:
+            changes["networks"] = dict(base.networks, **raw["networks"])
         return base.replace(**changes)
 
     def pull(self, raw: Mapping, raw0: Mapping):
@@ -128,6 +138,8 @@ class Parametrisation:
                 name = _pair_name(k, f, c)
                 scale = 1.0 if kind != "linear" else jnp.maximum(jnp.abs(raw0["pairs"][name]), 1.0)
                 out.append(jnp.ravel((raw["pairs"][name] - raw0["pairs"][name]) / scale))
+        if "networks" in raw:
+            out.append(ravel_pytree(jax.tree_util.tree_map(jnp.subtract, raw["networks"], raw0["networks"]))[0])
         return jnp.concatenate(out) if out else jnp.zeros(0, raw["offsets"].dtype)
 
 
@@ -171,7 +183,12 @@ def make_parametrisation(
     if not groups:
         raise QEqInputError("nothing to train: give at least one of " + ", ".join(GROUPS))
     elements = tuple(int(e) for e in elements)
-    element_keys = [g for g in groups if g != "pairs"]
+    if "networks" in groups and not params.networks:
+        raise QEqInputError(
+            f"'networks' is to be trained but parameter set '{params.name}' has no networks: start from a neural "
+            "model (qeq-unroll fit --model neural)"
+        )
+    element_keys = [g for g in groups if g not in ("pairs", "networks")]
     if element_keys:
         params.require(element_keys, elements)
     pair_distances = pair_distances or {}

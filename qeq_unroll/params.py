@@ -60,6 +60,9 @@ class Params:
     sigma: gaussian charge width (Å). gamma: reaxff shielding (1/Å). radius: Slater radius R (Å).
     n: Slater principal quantum number (static; 0 = not given).
     pairs: ``{"Cl-Na": {"born_mayer": {"A": array, "rho": array}}}``, arrays are scalars.
+    networks: the weights of an environment-dependent model (``neural``), a pytree of arrays;
+    empty for an element table. They travel in a model file (``neural.save_model``), not in the
+    JSON layout of a parameter set.
     """
 
     elements: tuple[str, ...]
@@ -70,6 +73,7 @@ class Params:
     radius: jax.Array
     n: tuple[int, ...] = ()
     pairs: Mapping[str, Mapping[str, Mapping[str, jax.Array]]] = dataclasses.field(default_factory=dict)
+    networks: Mapping = dataclasses.field(default_factory=dict)
     name: str = "unnamed"
     reference: str = ""
     notes: str = ""
@@ -111,6 +115,17 @@ class Params:
                         f"parameter '{key}' of element {self.elements[i]} in set '{self.name}' "
                         f"must be positive, got {v}"
                     )
+
+    def restricted(self, elements: Sequence[str]) -> "Params":
+        """The set with only ``elements`` (in that order) and the pair terms among them."""
+        self.species_indices(elements)  # unknown elements are an error naming them
+        data = self.to_dict()
+        data["elements"] = {e: data["elements"][e] for e in elements}
+        pairs = {k: v for k, v in data.get("pairs", {}).items() if set(k.split("-")) <= set(elements)}
+        data.pop("pairs", None)
+        if pairs:
+            data["pairs"] = pairs
+        return Params.from_dict(data)
 
     def replace(self, **changes) -> "Params":
         return dataclasses.replace(self, **changes)
@@ -221,7 +236,7 @@ def _check_optional_positive(params: Params) -> None:
 
 jax.tree_util.register_dataclass(
     Params,
-    data_fields=["chi", "hardness", "sigma", "gamma", "radius", "pairs"],
+    data_fields=["chi", "hardness", "sigma", "gamma", "radius", "pairs", "networks"],
     meta_fields=["elements", "n", "name", "reference", "notes"],
 )
 

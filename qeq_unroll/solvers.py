@@ -394,7 +394,23 @@ class Exact:
         return q, Diagnostics(res, one, pd & (res <= max(self.tol, min_tol(h.dtype))), pd)
 
 
-SOLVERS = {"exact": Exact, "cg": CG, "gd": GD, "nag": NAG}
+@dataclasses.dataclass(frozen=True)
+class NoCharges:
+    """No charges at all: q = 0, so the QEq energy vanishes and only the short-range energy is
+    left. With a short-range network this is a purely local model (a second-generation HDNNP),
+    the baseline a charge model is measured against; the charge constraints are not honoured."""
+
+    tol: float = 0.0
+    name: str = dataclasses.field(default="none", init=False)
+    needs_distances = False
+
+    def run(self, problem):
+        zero = jnp.zeros((), problem.chi.dtype)
+        true = jnp.asarray(True)
+        return jnp.zeros_like(problem.chi), Diagnostics(zero, jnp.asarray(0, jnp.int32), true, true)
+
+
+SOLVERS = {"exact": Exact, "cg": CG, "gd": GD, "nag": NAG, "none": NoCharges}
 
 
 def get_solver(name, iterations=None, tol=1e-10, max_iterations=1000):
@@ -408,4 +424,6 @@ def get_solver(name, iterations=None, tol=1e-10, max_iterations=1000):
         raise QEqInputError(f"unknown solver '{name}' (valid: {', '.join(SOLVERS)}, learned)")
     if name == "exact":
         return Exact(tol=tol)
+    if name == "none":
+        return NoCharges()
     return SOLVERS[name](iterations=iterations, tol=tol, max_iterations=max_iterations)

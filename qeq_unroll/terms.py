@@ -6,7 +6,10 @@ A *terms* value answers two questions for a system and its pairs (``geometry.Pai
   and hardness J_i (eV/e²), which may depend on the atom's environment (the pairs around it);
 - ``short_range(params, system, pairs, charges) -> E`` (eV): the energy beyond QEq, which may
   depend on the charges (then the total energy is not stationary in q, and only ``unrolled`` and
-  ``implicit`` gradients are exact: ``charge_dependent`` says so).
+  ``implicit`` gradients are exact: ``charge_dependent`` says so);
+- ``diagnostics(params, system, pairs) -> dict``: values the host checks after an evaluation
+  (merged into the model's ``aux``; e.g. a neural model's neighbour count), and ``check(aux)``,
+  which raises on the host when they show the evaluation invalid.
 
 Solvers, gradient modes and kernels never see where χ and J come from: the model
 (``energy.QEqModel``) asks its terms value and builds the charge problem from the answer. Widths
@@ -14,7 +17,7 @@ Solvers, gradient modes and kernels never see where χ and J come from: the mode
 
 :class:`ElementTable` is the per-element model: χ and J by element, pair terms by element pair
 (``pairs``). A model whose χ_i depends on the environment (a network on atom-centred descriptors)
-is a second implementation of the same two methods.
+is a second implementation of the same methods (``neural.NeuralTerms``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class Terms(Protocol):
 
     def short_range(self, params, system, pairs, charges) -> jax.Array: ...
 
+    def diagnostics(self, params, system, pairs) -> dict: ...
+
+    def check(self, diagnostics) -> None: ...
+
 
 @dataclasses.dataclass(frozen=True)
 class ElementTable:
@@ -59,6 +66,12 @@ class ElementTable:
 
     def short_range(self, params, system, pairs, charges):
         return pair_energy(params, system.species, pairs.r, pairs.mask, pairs.neighbors)
+
+    def diagnostics(self, params, system, pairs) -> dict:
+        return {}
+
+    def check(self, diagnostics) -> None:
+        """Host: nothing to check for an element table."""
 
 
 def atom_sum(pairs, values):
