@@ -293,7 +293,7 @@ class QEqCalculator(Calculator):
         symbols = atoms.get_chemical_symbols()
         closest = lambda: self._closest_pairs(system, neighbors)  # noqa: E731
         checks.check_distances(float(aux["min_distance"]), closest, symbols, self.limits)
-        self._energy.terms.check(aux)
+        self._energy.terms.check(aux["terms"])
         charges = np.asarray(aux["charges"][: len(atoms)], dtype=float)
         if not bool(aux["positive_definite"]) or not np.all(np.isfinite(charges)):
             raise QEqConvergenceError(

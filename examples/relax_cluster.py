@@ -1,12 +1,15 @@
 """Relax a 32-atom NaCl cluster with the QEq calculator (BFGS) and write the trajectory.
 
-    python examples/relax_cluster.py [relax_cluster.traj]
+    python examples/relax_cluster.py [relax_cluster.traj] [--params model.json] [--structure start.xyz]
 
-Built-in ``demo-nacl-water`` parameters, gaussian kernel, CG to tolerance with unrolled forces.
+Built-in ``demo-nacl-water`` parameters, gaussian kernel, CG to tolerance with unrolled forces;
+``--params`` also takes a model file of ``qeq-unroll fit --model neural`` (its kernel comes with
+it) and ``--structure`` an extended XYZ file (its first configuration) in place of the cluster.
 Prints the final energy (eV), the largest remaining force (eV/Å) and the charges (e); every BFGS
 step goes to the ASE trajectory (view it with ``ase gui relax_cluster.traj``).
 """
 
+import argparse
 import sys
 
 import jax
@@ -17,16 +20,23 @@ import numpy as np  # noqa: E402
 from ase.io import Trajectory  # noqa: E402
 from ase.optimize import BFGS  # noqa: E402
 
+from ase.io import read  # noqa: E402
+
 from calculators import QEqCalculator  # noqa: E402
 from calculators.structures import nacl_cluster  # noqa: E402
+from qeq_unroll.neural import is_model_file  # noqa: E402
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    path = argv[0] if argv else "relax_cluster.traj"
-    atoms = nacl_cluster(32)
-    atoms.calc = QEqCalculator(params="demo-nacl-water", kernel="gaussian", solver="cg", iterations=None,
-                               gradient="unrolled")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trajectory", nargs="?", default="relax_cluster.traj", help="ASE trajectory to write")
+    ap.add_argument("--params", default="demo-nacl-water", help="parameter set or model file (default demo-nacl-water)")
+    ap.add_argument("--structure", default=None, help="extended XYZ file to relax (default: a 32-atom NaCl cluster)")
+    args = ap.parse_args(argv)
+    path = args.trajectory
+    atoms = nacl_cluster(32) if args.structure is None else read(args.structure, 0)
+    kernel = {} if is_model_file(args.params) else {"kernel": "gaussian"}
+    atoms.calc = QEqCalculator(params=args.params, solver="cg", iterations=None, gradient="unrolled", **kernel)
     with Trajectory(path, "w", atoms) as traj:
         opt = BFGS(atoms, trajectory=traj)
         converged = opt.run(fmax=0.01, steps=500)

@@ -135,7 +135,9 @@ class QEqModel:
     ``model(params, system, neighbors=None, guess=None) -> (E, aux)``: the energy (eV). aux:
     ``charges`` (N,) e, ``e_qeq`` and ``e_short`` eV, ``residual``, ``iterations``,
     ``converged``, ``positive_definite`` (solver diagnostics), ``min_distance`` Å,
-    ``neighbors_overflow`` (True: the neighbour list was too small or stale; results invalid).
+    ``neighbors_overflow`` (True: the neighbour list was too small or stale; results invalid),
+    ``terms``: the terms' own diagnostics (``terms.check(aux["terms"])`` raises on the host when
+    they show the evaluation invalid).
     guess: optional (N,) starting charges (e) for the iterative solvers (MD history: the previous
     step's charges, or extended-Lagrangian auxiliary charges). It is a constant for
     differentiation, so the forces are −∂E/∂R at that fixed guess; the exact solver ignores it.
@@ -177,8 +179,8 @@ class QEqModel:
             e_short=e_short,
             min_distance=jax.lax.stop_gradient(min_distance(pairs)),
             neighbors_overflow=jnp.asarray(False) if source is None else source.overflow,
+            terms=self.terms.diagnostics(params, system, pairs),
             **diagnostics._asdict(),
-            **self.terms.diagnostics(params, system, pairs),
         )
         return e_qeq + e_short, aux
 

@@ -79,7 +79,7 @@ from .parametrisation import (  # noqa: F401  (re-exported)
     pair_reference_distances,
 )
 from .neighbors import stackable
-from .params import Params, write_atomic
+from .params import Params, check_format, write_atomic
 
 CHECKPOINT_FORMAT = "qeq-unroll-fit-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -488,13 +488,8 @@ def load_checkpoint(path) -> dict:
         raise QEqInputError(f"cannot resume: checkpoint {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise QEqInputError(f"checkpoint {path} is not valid JSON: {exc}") from exc
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise QEqInputError(f"{path} is not a qeq-unroll fit checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise QEqInputError(
-            f"checkpoint {path} has format version {state.get('version')}, this qeq-unroll reads version "
-            f"{CHECKPOINT_VERSION}: start the fit again without resuming"
-        )
+    check_format(state, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "fit checkpoint",
+                 ": start the fit again without resuming")  # fmt: skip
     return state
 
 

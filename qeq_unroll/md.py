@@ -248,6 +248,7 @@ class Record(NamedTuple):
     iterations: np.ndarray
     min_distance: np.ndarray
     overflow: np.ndarray
+    terms: dict
 
 
 def maxwell_boltzmann(key, masses, temperature_K, dtype=jnp.float64):
@@ -301,6 +302,7 @@ def _block_fn(settings, fn, nfn, apply_fn, dof):
             iterations=aux["iterations"],
             min_distance=aux["min_distance"],
             overflow=jnp.asarray(nbrs.did_buffer_overflow),
+            terms=aux["terms"],
         )
 
     def report(carry, _):
@@ -326,10 +328,15 @@ def _masses(masses, n, dtype):
     return jnp.asarray(m, dtype)
 
 
-def _blow_up(settings, rec, e0, n, bound):
-    """Index of the first bad report and why (or None); ``bound``: the largest |q| (e) accepted."""
+def _blow_up(settings, rec, e0, n, bound, terms):
+    """Index of the first bad report and why (or None); ``bound``: the largest |q| (e) accepted;
+    ``terms``: the model's terms, whose ``check`` judges their own diagnostics."""
     e_tot = rec.e_pot + rec.e_kin
     for i in range(len(rec.step)):
+        try:
+            terms.check(jax.tree_util.tree_map(lambda x: x[i], rec.terms))
+        except QEqInputError as error:
+            return i, str(error)
         if not (np.all(np.isfinite(rec.positions[i])) and np.isfinite(e_tot[i]) and np.all(np.isfinite(rec.charges[i]))):
             return i, "positions, energy or charges became non-finite"
         if rec.min_distance[i] < settings.min_distance:
@@ -391,7 +398,8 @@ def run(settings, energy, params, system, masses, momenta=None, charges=None, sk
         state = init_fn(jax.random.PRNGKey(settings.seed + 1), system.positions, mass=mass, momenta=momenta, neighbor=nbrs, kT=kT)
     else:
         if charges is None:
-            tight = qeq_energy(energy.kernel, CG(tol=1e-12, max_iterations=5000), "envelope", energy.coulomb_constant)
+            tight = qeq_energy(energy.kernel, CG(tol=1e-12, max_iterations=5000), "implicit", energy.coulomb_constant,
+                               terms=energy.terms)  # fmt: skip
             charges = jax.jit(energy_fn(tight, params, system).with_aux)(system.positions, neighbor=nbrs)[1]["charges"]
         state = jax.jit(init_fn)(system.positions, momenta, mass, jnp.asarray(charges, dtype), neighbor=nbrs)
     dof = max(3 * n - 3, 1)
@@ -399,7 +407,7 @@ def run(settings, energy, params, system, masses, momenta=None, charges=None, sk
     first = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], observe(state, nbrs))
     e0 = float(first.e_pot[0] + first.e_kin[0])
     bound = Limits(charge_margin=settings.charge_margin).charge_bound(system.fragment_charges)
-    bad = _blow_up(settings, first, e0, n, bound)
+    bad = _blow_up(settings, first, e0, n, bound, energy.terms)
     if bad is not None:
         raise MDError(f"the starting structure is not fit for MD: {bad[1]}")
     yield first
@@ -410,7 +418,7 @@ def run(settings, energy, params, system, masses, momenta=None, charges=None, sk
         rec = jax.tree_util.tree_map(np.asarray, rec)
         rec = rec._replace(step=done + settings.report_every * np.arange(1, settings.block + 1))
         valid = int(np.argmax(rec.overflow)) if rec.overflow.any() else settings.block
-        bad = _blow_up(settings, jax.tree_util.tree_map(lambda x: x[:valid], rec), e0, n, bound)
+        bad = _blow_up(settings, jax.tree_util.tree_map(lambda x: x[:valid], rec), e0, n, bound, energy.terms)
         if bad is not None:
             i, why = bad
             yield jax.tree_util.tree_map(lambda x: x[:i], rec)

@@ -38,7 +38,7 @@ from .descriptors import SymmetryFunctions, default_symmetry_functions
 from .energy import layout_pairs
 from .errors import QEqInputError
 from .pairs import pair_energy
-from .params import Params, write_atomic
+from .params import Params, check_format, write_atomic
 from .terms import AtomTerms
 
 #: The model file's format name and version (``load_model`` refuses other versions).
@@ -251,17 +251,13 @@ def _networks(data, terms: NeuralTerms, n_elements: int, path) -> dict:
 
 def load_model(path: "str | os.PathLike"):
     """``(terms, params, settings)`` from a model file; settings: ``{"kernel": {"name", "cutoff"},
-    "coulomb_constant", "charges", "energy_offsets": {element: eV}}``. Another format version is an error naming both versions."""
+    "coulomb_constant", "charges", "energy_offsets": {element: eV}}``. Another format version is an
+    error naming both versions."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise QEqInputError(f"cannot read model file {path}: {exc}") from exc
-    if data.get("format") != MODEL_FORMAT:
-        raise QEqInputError(f"{path} is not a qeq-unroll model file (no \"format\": \"{MODEL_FORMAT}\")")
-    if data.get("version") != MODEL_VERSION:
-        raise QEqInputError(
-            f"model file {path} has format version {data.get('version')}; this qeq-unroll reads version {MODEL_VERSION}"
-        )
+    check_format(data, path, MODEL_FORMAT, MODEL_VERSION, "model file")
     params = Params.from_dict(data["params"])
     n = len(params.elements)
     terms = NeuralTerms.from_dict(data["terms"], n)

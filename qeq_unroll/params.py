@@ -295,6 +295,17 @@ def write_atomic(path: "str | os.PathLike", text: str) -> None:
         raise
 
 
+def check_format(data: Mapping, path, fmt: str, version: int, what: str, advice: str = "") -> None:
+    """Refuse a JSON file ``path`` whose ``format`` is not ``fmt`` or whose ``version`` is not
+    ``version``; ``what`` names the kind of file, ``advice`` ends the version message."""
+    if data.get("format") != fmt:
+        raise QEqInputError(f"{path} is not a qeq-unroll {what} (no \"format\": \"{fmt}\")")
+    if data.get("version") != version:
+        raise QEqInputError(
+            f"{what} {path} has format version {data.get('version')}, this qeq-unroll reads version {version}{advice}"
+        )
+
+
 def save_params(params: Params, path: "str | os.PathLike") -> None:
     """Write ``params`` as JSON (atomically)."""
     write_atomic(path, json.dumps(params.to_dict(), indent=2) + "\n")

@@ -8,8 +8,8 @@ A *terms* value answers two questions for a system and its pairs (``geometry.Pai
   depend on the charges (then the total energy is not stationary in q, and only ``unrolled`` and
   ``implicit`` gradients are exact: ``charge_dependent`` says so);
 - ``diagnostics(params, system, pairs) -> dict``: values the host checks after an evaluation
-  (merged into the model's ``aux``; e.g. a neural model's neighbour count), and ``check(aux)``,
-  which raises on the host when they show the evaluation invalid.
+  (the model's ``aux["terms"]``; e.g. a neural model's neighbour count), and
+  ``check(diagnostics)``, which raises on the host when they show the evaluation invalid.
 
 Solvers, gradient modes and kernels never see where χ and J come from: the model
 (``energy.QEqModel``) asks its terms value and builds the charge problem from the answer. Widths

@@ -196,7 +196,7 @@ def test_model_file_round_trip_and_its_errors(tmp_path):
     data = json.loads(path.read_text())
     data["version"] = MODEL_VERSION + 1
     (tmp_path / "future.json").write_text(json.dumps(data))
-    with pytest.raises(qu.QEqInputError, match=f"version {MODEL_VERSION + 1}.*reads version {MODEL_VERSION}"):
+    with pytest.raises(qu.QEqInputError, match=f"version {MODEL_VERSION + 1}, this qeq-unroll reads version {MODEL_VERSION}"):
         QEqCalculator(params=str(tmp_path / "future.json"))
     data["version"] = MODEL_VERSION
     data["terms"]["max_neighbors"] = 3  # the 8-atom cube has 7 neighbours within 5 Å
@@ -204,3 +204,37 @@ def test_model_file_round_trip_and_its_errors(tmp_path):
     atoms.calc = QEqCalculator(params=str(tmp_path / "narrow.json"), solver="cg", iterations=3)
     with pytest.raises(qu.QEqInputError, match="7 neighbours within 5.0 Å.*at most 3"):
         atoms.get_potential_energy()
+
+
+def test_fit_from_the_command_line_learns_and_its_model_file_runs_in_ase(tmp_path):
+    """``qeq-unroll fit --model neural`` on neutral and charged NaCl clusters of the shipped
+    charge-transfer set: the training force error falls, the model file gives the calculator the
+    reference's energy scale and Σq = Q; ``--model local`` writes a model without charges."""
+    import ase.io
+
+    from calculators import QEqCalculator
+    from calculators.cli import main
+    from calculators.data import shipped_reference
+
+    frames = [a for a in ase.io.read(shipped_reference("ct-train"), ":") if a.info["system"] in ("nacl", "nacl+")]
+    frames = [a for a in frames if len(a) <= 9][:24]
+    data = tmp_path / "train.xyz"
+    ase.io.write(data, frames)
+    out = tmp_path / "model.json"
+    common = ["--validation", "0", "--hidden", "8", "--no-progress", "--batch-size", "8"]
+    assert main(["fit", str(data), "--model", "neural", "--out", str(out), "--epochs", "4", *common]) == 0
+    log = [json.loads(line) for line in (tmp_path / "model.log.jsonl").read_text().splitlines()]
+    start = next(r for r in log if r["event"] == "start")["train"]["force_rmse"]
+    assert [r for r in log if r["event"] == "epoch"][-1]["train"]["force_rmse"] < 0.9 * start
+    charged = next(a for a in frames if a.info["total_charge"] == 1)
+    atoms = charged.copy()
+    atoms.calc = QEqCalculator(params=str(out), solver="cg", iterations=20, total_charge=1.0)
+    assert abs(atoms.get_charges().sum() - 1.0) < 1e-10
+    assert abs(atoms.get_potential_energy() - charged.info["REF_energy"]) / len(atoms) < 0.05  # eV/atom
+    local = tmp_path / "local.json"
+    assert main(["fit", str(data), "--model", "local", "--out", str(local), "--epochs", "1", *common]) == 0
+    assert load_model(local)[2]["charges"] is False
+    atoms.calc = QEqCalculator(params=str(local))
+    assert np.all(atoms.get_charges() == 0.0)
+    with pytest.raises(qu.QEqInputError, match="trained with solver=none; got solver=cg"):
+        QEqCalculator(params=str(local), solver="cg")
