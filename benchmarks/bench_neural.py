@@ -1,6 +1,6 @@
 """Neural charge equilibration against its two baselines on the shipped GFN2-xTB charge-transfer set.
 
-    python benchmarks/bench_neural.py             # ~25 min on 2 shared CPU cores; writes the "neural"
+    python benchmarks/bench_neural.py             # ~25 min on 2 CPU cores; writes the "neural"
                                                   # section of RESULTS.md
     python benchmarks/bench_neural.py --epochs 20 --no-write   # a quick look
 
@@ -13,9 +13,11 @@ and protonated at one end; 10 % of it held out for validation and early stopping
     (Levenberg–Marquardt, its default; it stops at its minimum);
 (b) ``--model local``: the short-range network alone, no charges (a 2G HDNNP);
 (c) ``--model neural``: χ_i and J_i from per-element networks on the same symmetry functions, QEq
-    (gaussian kernel, CG K = 20 unrolled) and the same short-range network as (b).
+    (gaussian kernel, CG K = 20 unrolled) and the same short-range network as (b);
+(c') ``neural-q``: (c) with ``--charge-in-short``, the atom's charge an input of the short-range
+    network, as in the 4G-HDNNP.
 
-(b) and (c) share descriptors, network widths, optimiser (Adam, cosine schedule), epochs, batch size
+(b), (c) and (c') share descriptors, network widths, optimiser (Adam, cosine schedule), epochs, batch size
 and seed: the same budget. Metrics on the held-out configurations, overall and per structure
 family, with each model's own fitted energy offsets: energy RMSE (meV/atom), force RMSE (eV/Å),
 charge RMSE (e; charges are not in the loss: what the models make of the charge distribution
@@ -53,15 +55,18 @@ from qeq_unroll import fit as F  # noqa: E402
 from qeq_unroll.neural import load_model  # noqa: E402
 from results import write_section  # noqa: E402
 
-MODELS = ("table", "local", "neural")
+MODELS = ("table", "local", "neural", "neural-q")
+#: ``qeq-unroll fit`` options of each model beyond the training file and ``--out``.
+OPTIONS = {"table": ["--model", "table", "--params", "rappe-goddard-1991"], "local": ["--model", "local"],
+           "neural": ["--model", "neural"], "neural-q": ["--model", "neural", "--charge-in-short"]}
 FAMILIES = ("nacl", "nacl+", "c10h2", "c10h3+")
 FAMILY_ELEMENTS = {"Na", "Cl", "C", "H"}
 
 
 def train(model: str, folder: Path, epochs: int) -> Path:
     out = folder / f"{model}.json"
-    args = ["fit", str(shipped_reference("ct-train")), "--model", model, "--out", str(out), "--no-progress"]
-    args += ["--epochs", str(epochs)] if model != "table" else ["--params", "rappe-goddard-1991"]
+    args = ["fit", str(shipped_reference("ct-train")), *OPTIONS[model], "--out", str(out), "--no-progress"]
+    args += ["--epochs", str(epochs)] if model != "table" else []
     started = time.time()
     if cli(args) != 0:
         raise SystemExit(f"qeq-unroll {' '.join(args)} failed")
@@ -113,7 +118,7 @@ def trained_values(model: str, params) -> int:
         return 3 * n + sum(len(c) for key, forms in params.pairs.items() if set(key.split("-")) <= FAMILY_ELEMENTS
                            for c in forms.values())  # fmt: skip
     short = size(params.networks["short"])
-    return short if model == "local" else short + size(params.networks["chi"]) + n
+    return short if model == "local" else short + size(params.networks["chi"]) + n  # neural, neural-q
 
 
 def evaluation_ms_per_atom(calc: dict, repeats: int = 20) -> float:
@@ -140,7 +145,8 @@ def report(results: dict, epochs: int) -> str:
         f"{platform.machine()}), float64). Trained with `qeq-unroll fit` on the shipped GFN2-xTB charge-transfer set "
         "`ct-train` (246 configurations, 10 % held out for validation), tested on `ct-heldout` (76). (a) `--model table` "
         "(Levenberg–Marquardt to its minimum); (b) `--model local` (short-range network, no charges); (c) `--model neural` "
-        f"(networks for χ_i, J_i and the short-range energy; CG K = 20 unrolled); (b) and (c) with the same descriptors, "
+        f"(networks for χ_i, J_i and the short-range energy; CG K = 20 unrolled); (c') `neural-q`: (c) with "
+        f"`--charge-in-short` (the 4G form); (b), (c) and (c') with the same descriptors, "
         f"widths, Adam schedule, {epochs} epochs, batch and seed. Held-out RMSE of the energy (meV/atom), forces (eV/Å) "
         "and charges (e, not in the loss); each model with its own fitted energy offsets.",
         "",
@@ -156,11 +162,13 @@ def report(results: dict, epochs: int) -> str:
     for model in MODELS:
         r = results[model]
         lines.append(f"| {model} | {r['parameters']} | {r['epochs']} | {r['epoch_s']:.2f} | {r['per_atom_ms']:.3f} |")
-    b, c = results["local"]["all"], results["neural"]["all"]
-    gain = lambda key: 100.0 * (1.0 - c[key] / b[key])  # noqa: E731
-    lines += ["", f"Neural QEq against the local network, held out: force RMSE {gain('force_rmse'):+.0f} % lower, energy "
-              f"RMSE {gain('energy_rmse'):+.0f} % lower (goal: 20 %); against per-element QEq: force RMSE "
-              f"{c['force_rmse'] / results['table']['all']['force_rmse']:.2f}× (goal: at most 0.25×)."]  # fmt: skip
+    b = results["local"]["all"]
+    for model in ("neural", "neural-q"):
+        c = results[model]["all"]
+        gain = lambda key: 100.0 * (1.0 - c[key] / b[key])  # noqa: E731
+        lines += ["", f"{model} against the local network, held out: force RMSE {gain('force_rmse'):.0f} % lower, energy "
+                  f"RMSE {gain('energy_rmse'):.0f} % lower (goal: 20 % each); against per-element QEq: force RMSE "
+                  f"{c['force_rmse'] / results['table']['all']['force_rmse']:.2f}× (goal: at most 0.25×)."]  # fmt: skip
     return "\n".join(lines)
 
 
