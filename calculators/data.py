@@ -76,7 +76,8 @@ def _lookup(atoms, term: str, key: str):
     return None
 
 
-def _total_charge(atoms) -> float:
+def total_charge(atoms) -> float:
+    """``info["total_charge"]``, else ``info["charge"]``, else the sum of the initial charges, else 0 (e)."""
     for key in ("total_charge", "charge"):
         if key in atoms.info:
             return float(atoms.info[key])
@@ -176,7 +177,7 @@ def read_reference(
             c = Configuration(
                 positions=np.asarray(atoms.positions, dtype=float),
                 species=np.asarray([index_of[s] for s in atoms.get_chemical_symbols()], dtype=np.int32),
-                total_charge=_total_charge(atoms),
+                total_charge=total_charge(atoms),
                 energy=None if values["energy"] is None else float(np.reshape(values["energy"], ())),
                 forces=values["forces"],
                 charges=values["charges"],

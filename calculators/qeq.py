@@ -33,6 +33,8 @@ from qeq_unroll.learned import check_compatible, solver_from_file
 from qeq_unroll.neural import is_model_file, load_model
 from qeq_unroll.periodic import wrap
 
+from .data import total_charge
+
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 #: the solver tolerance (relative residual) when ``tol`` is None
 DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-5}
@@ -48,8 +50,8 @@ class QEqCalculator(Calculator):
     ``qeq_unroll.learned.LearnedSolverParams``) of ``solver="learned"``. iterations: fixed K, or
     None to iterate to ``tol`` (at most ``max_iterations``). tol: relative residual (None: 1e-10
     in float64, 1e-5 in float32; at least ``qeq_unroll.solvers.min_tol`` of the dtype).
-    gradient: "unrolled" | "implicit" | "envelope". total_charge: e (None: sum of the initial
-    charges). coulomb_constant: eV·Å. dtype: "float64" (needs JAX x64 enabled) | "float32".
+    gradient: "unrolled" | "implicit" | "envelope". total_charge: e (None: ``info["total_charge"]``
+    or ``info["charge"]``, else the sum of the initial charges). coulomb_constant: eV·Å. dtype: "float64" (needs JAX x64 enabled) | "float32".
     reciprocal: the gaussian kernel's reciprocal-space method in periodic cells, "auto" | "ewald"
     (exact k-sum) | "pme" (particle-mesh Ewald), None: the kernel's default.
     skin: Å, of neighbour lists (periodic cells); neighbor_layout: "auto" | "images" (dense, small
@@ -257,7 +259,8 @@ class QEqCalculator(Calculator):
         """Charge constraints and field as ``make_system`` keywords. Fragments: the ``fragments``
         parameter or ``atoms.arrays["fragments"]`` (labels 0..F-1 per atom), with charges from the
         ``fragment_charges`` parameter or, by default, the initial charges summed per fragment.
-        Without fragments: one total charge (``total_charge``, default the initial charges' sum)."""
+        Without fragments: one total charge (``total_charge``, default ``info["total_charge"]``,
+        else ``info["charge"]``, else the initial charges' sum, as the data reader takes it)."""
         p = self.parameters
         out = {"field": None if p.field is None else np.asarray(p.field, dtype=float)}
         labels = p.fragments if p.fragments is not None else atoms.arrays.get("fragments")
@@ -265,7 +268,7 @@ class QEqCalculator(Calculator):
             if p.fragment_charges is not None:
                 raise QEqInputError("fragment_charges given without fragments (a label per atom)")
             total = p.total_charge
-            out["total_charge"] = float(np.sum(atoms.get_initial_charges())) if total is None else total
+            out["total_charge"] = total_charge(atoms) if total is None else total
             return out
         labels = np.asarray(labels)
         if labels.shape != (len(atoms),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:

@@ -80,6 +80,9 @@ def test_total_charge_from_initial_charges():
     assert abs(atoms.get_charges().sum() - 1.0) < 1e-12
     atoms.calc = QEqCalculator(params="demo-nacl-water", solver="exact", total_charge=-2.0)
     assert abs(atoms.get_charges().sum() + 2.0) < 1e-12
+    atoms.info["total_charge"] = 3.0  # as the data reader reads it, before the initial charges
+    atoms.calc = QEqCalculator(params="demo-nacl-water", solver="exact")
+    assert abs(atoms.get_charges().sum() - 3.0) < 1e-12
 
 
 @pytest.mark.parametrize("optimizer", [BFGS, FIRE])
