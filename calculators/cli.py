@@ -7,6 +7,7 @@ Commands:
     fit     fit QEq and pair parameters to reference data (extended XYZ) through the solver.
     plot-fit  draw the learning curves of a fit log to PNG.
     md      molecular dynamics on the device (jax-md) with frames and a drift report.
+    export-lammps  write a LAMMPS deck that computes a parameter set's energy, forces and charges.
 
 The parser is a subcommand layout: a command is a function ``add_<name>(subparsers)`` that adds
 its parser and sets ``func`` (called with the parsed arguments, returns an exit status).
@@ -71,7 +72,13 @@ def add_md(subparsers) -> None:
     add(subparsers)
 
 
-COMMANDS = (add_demo, add_train_solver, add_fit, add_plot_fit, add_md)
+def add_export_lammps(subparsers) -> None:
+    from .export import add_export_lammps as add
+
+    add(subparsers)
+
+
+COMMANDS = (add_demo, add_train_solver, add_fit, add_plot_fit, add_md, add_export_lammps)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,10 +159,7 @@ def read_reference(
             frames = [frames]
         missing_el = sorted({s for a in frames for s in a.get_chemical_symbols() if s not in index_of})
         if missing_el:
-            raise QEqInputError(
-                f"{path}: element(s) {', '.join(missing_el)} missing from parameter set '{params.name}' "
-                f"(it has {', '.join(params.elements)})"
-            )
+            raise QEqInputError(f"{path}: {params.missing_error(missing_el)}")
         for k, atoms in enumerate(frames):
             source = f"{path}:{k}"
             values = {}

@@ -125,9 +125,8 @@ def add_fit(subparsers) -> None:
     p.add_argument("--keys", default="", help="reference keys, e.g. energy=DFT_E,forces=DFT_F (defaults REF_*)")
     p.add_argument("--on-nonfinite", choices=("skip", "error"), default="skip",
                    help="configurations with non-finite values: skip and report (default) or stop")
-    p.add_argument("--lammps-out", default=None, help="also write the fitted set as a LAMMPS fix qeq/* parameter file")
-    p.add_argument("--lammps-style", choices=("reaxff", "point", "shielded", "slater"), default=None,
-                   help="LAMMPS file style (default: reaxff for the reaxff kernel, point otherwise)")
+    p.add_argument("--lammps-out", default=None, metavar="DIR",
+                   help="also write the fitted set as a LAMMPS deck in DIR (as qeq-unroll export-lammps; needs --kernel reaxff)")
     p.add_argument("--min-bucket", type=int, default=0,
                    help="pad every structure to at least this many atoms: fewer size buckets, fewer compilations")
     p.add_argument("--devices", type=int, default=1, help="split each batch across this many devices (default 1)")
@@ -299,6 +298,9 @@ def run_fit(args, echo=print) -> int:
             echo(f"'{params.name}' has no pair terms between the elements of the data: starting {args.pairs} terms "
                  f"added for {', '.join(added)} (see 'qeq-unroll fit --help', --pairs)")
     kernel = qu.get_kernel(args.kernel, args.cutoff)
+    elements = [params.elements[i] for i in train.species_present()]
+    if args.lammps_out:  # refused before the fit, not after it
+        _check_exportable(args, params, kernel, elements)
     solver = qu.get_solver(args.solver, args.iterations, args.tol, args.max_iterations)
     kwargs = {} if args.coulomb_constant is None else {"coulomb_constant": args.coulomb_constant}
     if args.model == "local":
@@ -325,7 +327,7 @@ def run_fit(args, echo=print) -> int:
     _report(args, result, energy, echo)
     written = [args.out, checkpoint, log]
     if args.lammps_out:
-        written.append(_write_lammps(args, result, kernel, train, echo))
+        written.append(_write_lammps(args, result, energy, elements, echo))
     echo(f"wrote {', '.join(written)}")
     present = {params.elements[i] for i in train.species_present()}
     if result.offsets:
@@ -359,15 +361,21 @@ def _report(args, result, energy, echo) -> None:
     echo(format_summary(result))
 
 
-def _write_lammps(args, result, kernel, train, echo) -> str:
-    import qeq_unroll as qu
+def _check_exportable(args, params, kernel, elements) -> None:
+    from qeq_unroll.lammps_export import check_exportable
 
-    style = args.lammps_style or ("reaxff" if kernel.name == "reaxff" else "point")
-    types = [result.params.elements[i] for i in train.species_present()]
-    qu.write_lammps_qeq(result.params, args.lammps_out, types, style=style)
-    note = " (the gaussian widths sigma have no LAMMPS column: chi and eta only)" if kernel.name == "gaussian" else ""
-    echo(f"LAMMPS fix qeq/{style} file {args.lammps_out}: types {' '.join(f'{t + 1}={e}' for t, e in enumerate(types))}{note}")
-    return args.lammps_out
+    if args.model != "table":
+        raise QEqInputError(f"--lammps-out: a {args.model} model cannot be exported to LAMMPS (no LAMMPS style for its networks)")
+    check_exportable(params, kernel, elements)
+
+
+def _write_lammps(args, result, energy, elements, echo) -> str:
+    from qeq_unroll.lammps_export import export_lammps
+
+    written = export_lammps(result.params, energy.kernel, elements, args.lammps_out, energy.coulomb_constant)
+    echo(f"LAMMPS deck {written[0]} (types {' '.join(f'{t + 1}={e}' for t, e in enumerate(elements))}): "
+         f"'include {written[0]}' after read_data")
+    return str(args.lammps_out)
 
 
 def _fmt(v, spec):

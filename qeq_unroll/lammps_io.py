@@ -121,10 +121,7 @@ def write_lammps_qeq(
     index = {e: i for i, e in enumerate(params.elements)}
     for t, s in enumerate(symbols, start=1):
         if s not in index:
-            raise QEqInputError(
-                f"element {s} (LAMMPS type {t}) missing from parameter set '{params.name}' "
-                f"(it has {', '.join(params.elements)})"
-            )
+            raise params.missing_error([s], what=f"element {s} (LAMMPS type {t})")
     params.require(STYLE_KEYS[style], [index[s] for s in symbols])
 
     cols = {k: np.asarray(getattr(params, k), dtype=float) for k in ("chi", "hardness", "gamma", "radius")}

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import QEqInputError
+from .reaxff_ffield import is_ffield, read_ffield
 
 #: Per-element float keys, in the order of the ``Params`` fields.
 ELEMENT_FLOAT_KEYS = ("chi", "hardness", "sigma", "gamma", "radius")
@@ -84,11 +85,18 @@ class Params:
         index = {e: i for i, e in enumerate(self.elements)}
         missing = sorted({s for s in symbols if s not in index})
         if missing:
-            raise QEqInputError(
-                f"element(s) {', '.join(missing)} missing from parameter set '{self.name}' "
-                f"(it has {', '.join(self.elements)})"
-            )
+            raise self.missing_error(missing)
         return np.asarray([index[s] for s in symbols], dtype=np.int32)
+
+    def missing_error(self, missing: Sequence[str], what: str | None = None) -> QEqInputError:
+        """The error for elements ``missing`` from this set: it names them, the set, the elements
+        the set has and the built-in sets that have them. ``what`` replaces the leading
+        "element X" (e.g. "element K (LAMMPS type 2)")."""
+        what = what or f"element{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+        return QEqInputError(
+            f"{what} missing from parameter set '{self.name}' (it has {', '.join(self.elements)}); "
+            f"{_builtin_sets_having(missing)}"
+        )
 
     def require(self, keys: Sequence[str], species: Sequence[int] | None = None) -> None:
         """Check that every element in use has finite values for ``keys`` and positive ones where
@@ -246,21 +254,42 @@ def builtin_sets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("qeq_unroll.data").iterdir() if p.name.endswith(".json"))
 
 
+def _read_builtin(name: str) -> dict:
+    return json.loads(resources.files("qeq_unroll.data").joinpath(name + ".json").read_text())
+
+
+def _builtin_sets_having(symbols: Sequence[str]) -> str:
+    """Which built-in sets have each of ``symbols``, grouped, e.g. "built-in sets with Mg, Ti:
+    uff-qeq; no built-in set has Xx"."""
+    have = {name: set(_read_builtin(name)["elements"]) for name in builtin_sets()}
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for symbol in symbols:
+        groups.setdefault(tuple(n for n, els in have.items() if symbol in els), []).append(symbol)
+    return "; ".join(
+        f"built-in sets with {', '.join(group)}: {', '.join(sets)}"
+        if sets
+        else f"no built-in set has {', '.join(group)}"
+        for sets, group in groups.items()
+    )
+
+
 def load_params(source: "str | os.PathLike | Params | Mapping") -> Params:
-    """A ``Params`` from a built-in set name, a JSON file path, a dict, or a ``Params`` (returned as is)."""
+    """A ``Params`` from a built-in set name, a JSON file path, a ReaxFF ``ffield`` path (its EEM
+    terms, :mod:`qeq_unroll.reaxff_ffield`), a dict, or a ``Params`` (returned as is)."""
     if isinstance(source, Params):
         return source
     if isinstance(source, Mapping):
         return Params.from_dict(source)
     text = str(source)
     if text in builtin_sets():
-        data = json.loads(resources.files("qeq_unroll.data").joinpath(text + ".json").read_text())
-        return Params.from_dict(data)
+        return Params.from_dict(_read_builtin(text))
     path = Path(text)
     if not path.is_file():
         raise QEqInputError(
             f"parameters '{text}': neither a built-in set ({', '.join(builtin_sets())}) nor a file"
         )
+    if is_ffield(path):
+        return Params.from_dict(read_ffield(path))
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

