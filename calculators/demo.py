@@ -22,7 +22,7 @@ from .qeq import QEqCalculator
 from .structures import nacl_cluster, water_cluster, water_geometry
 
 #: Calculator keywords of the demo: CG to tolerance, unrolled forces.
-DEMO_SETTINGS = dict(params="demo-nacl-water", kernel="gaussian", solver="cg", iterations=None, gradient="unrolled")
+DEMO_SETTINGS = dict(params="demo-nacl-water", kernel="gaussian", solver="cg", iterations=None, gradient="auto")
 
 
 def _time_call(calc, atoms) -> float:

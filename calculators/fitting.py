@@ -30,7 +30,7 @@ from .options import add_model_options
 DEFAULTS = dict(
     params="demo-nacl-water",
     iterations=20,
-    gradient="unrolled",
+    gradient="auto",
     validation="0.1",
     epochs=100,
     train="chi,hardness,sigma,pairs",
@@ -47,6 +47,8 @@ NEURAL_DEFAULTS = dict(params="rappe-goddard-1991", train="sigma,networks", opti
 MAX_NEIGHBORS_SEARCHED = 256
 #: ``--model local``: the networks of ``neural`` without charges (solver ``none``).
 LOCAL_DEFAULTS = dict(NEURAL_DEFAULTS, train="networks")
+#: The fitted width of each kernel, in place of the defaults' ``sigma``.
+WIDTH_KEYS = {"gaussian": "sigma", "reaxff": "gamma"}
 #: Stress weight, (eV/Å³)⁻², when the data hold stress and ``--weights`` does not name it: a
 #: 0.01 eV/Å³ (1.6 GPa) error then weighs like a 32 meV/atom energy error.
 DEFAULT_STRESS_WEIGHT = 10.0
@@ -93,7 +95,7 @@ def add_fit(subparsers) -> None:
     p.add_argument("--charge-in-short", action="store_true", help="neural: the short-range network also takes the atom's charge")
     add_model_options(p, params=None, params_help=f"{DEFAULTS['params']}; neural: the baseline chi, J and widths, "
                       f"{NEURAL_DEFAULTS['params']}", iterations_default=DEFAULTS["iterations"], solvers=tuple(SOLVERS),
-                      gradients=("unrolled", "implicit"), gradient=DEFAULTS["gradient"], tol=1e-10, tol_help="default 1e-10")
+                      gradients=("auto", "unrolled", "implicit"), gradient=DEFAULTS["gradient"], tol=1e-10, tol_help="default 1e-10")
     p.add_argument("--coulomb-constant", type=float, default=None, help="k_e in eV*A (default 14.399645)")
     p.add_argument("--validation", default=DEFAULTS["validation"],
                    help="validation data: an extended XYZ file, or a fraction of the training data held "
@@ -102,7 +104,8 @@ def add_fit(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 100, neural 200; lm stops earlier at a minimum)")
     p.add_argument("--train", default=None,
                    help="parameter groups to fit, from chi, hardness, sigma, gamma, pairs, networks (default "
-                   "chi,hardness,sigma,pairs; neural sigma,networks; local networks)")
+                   "chi,hardness,sigma,pairs with sigma the kernel's width: gamma for reaxff, none for point and "
+                   "slater; neural sigma,networks; local networks)")
     p.add_argument("--lr", type=float, default=None, help="Adam peak learning rate (default 0.02, neural 0.005)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule (default cosine)")
     p.add_argument("--optimizer", choices=("lm", "adam", "lbfgs"), default=None,
@@ -240,6 +243,9 @@ def _config(args, weights):
 def _resolve_defaults(args) -> None:
     """Fill the options left unset with the defaults of the chosen ``--model``."""
     defaults = {**DEFAULTS, **{"neural": NEURAL_DEFAULTS, "local": LOCAL_DEFAULTS}.get(args.model, {})}
+    if args.train is None:  # the kernel's own width: sigma (gaussian), gamma (reaxff), none (point, slater)
+        groups = [WIDTH_KEYS.get(args.kernel) if g == "sigma" else g for g in defaults["train"].split(",")]
+        defaults["train"] = ",".join(g for g in groups if g)
     for name in ("params", "train", "optimizer", "lr", "epochs"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
@@ -316,7 +322,7 @@ def run_fit(args, echo=print) -> int:
     n_periodic = sum(c.periodic for c in train.configurations)
     echo(f"qeq-unroll fit: {len(train)} training ({n_periodic} periodic) and {0 if validation is None else len(validation)} "
          f"validation configurations ({split_note}); start '{params.name}', kernel {kernel.name}, solver {solver_text}, "
-         f"{args.gradient} gradients; training {', '.join(config.train)}; {args.optimizer}, {args.epochs} epochs")
+         f"{energy.gradient.name} gradients; training {', '.join(config.train)}; {args.optimizer}, {args.epochs} epochs")
     try:
         result = F.fit(params, train, energy, config, validation=validation, checkpoint=checkpoint, log=log,
                        resume=args.resume, progress=not args.no_progress)
@@ -352,7 +358,7 @@ def _report(args, result, energy, echo) -> None:
     """Warnings (unconverged solves, implausible parameters) and the closing table."""
     if result.history:
         unconverged = sum(h["train"]["unconverged"] for h in result.history)
-        if unconverged and args.gradient == "implicit":
+        if unconverged and energy.gradient.name == "implicit":
             echo(f"warning: {unconverged} unconverged charge solves during the fit: implicit gradients assume "
                  "converged solves; raise --iterations or use --gradient unrolled")
     for warning in result.warnings:

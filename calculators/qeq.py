@@ -28,7 +28,14 @@ from ase.calculators.calculator import Calculator, all_changes
 
 import qeq_unroll
 from qeq_unroll import checks
-from qeq_unroll.errors import QEqConvergenceError, QEqConvergenceWarning, QEqInputError, QEqNeighborError, QEqRangeError
+from qeq_unroll.errors import (
+    QEqConvergenceError,
+    QEqConvergenceWarning,
+    QEqInputError,
+    QEqNeighborError,
+    QEqRangeError,
+    QEqShortRangeWarning,
+)
 from qeq_unroll.learned import check_compatible, solver_from_file
 from qeq_unroll.neural import is_model_file, load_model
 from qeq_unroll.periodic import wrap
@@ -50,7 +57,8 @@ class QEqCalculator(Calculator):
     ``qeq_unroll.learned.LearnedSolverParams``) of ``solver="learned"``. iterations: fixed K, or
     None to iterate to ``tol`` (at most ``max_iterations``). tol: relative residual (None: 1e-10
     in float64, 1e-5 in float32; at least ``qeq_unroll.solvers.min_tol`` of the dtype).
-    gradient: "unrolled" | "implicit" | "envelope". total_charge: e (None: ``info["total_charge"]``
+    gradient: "auto" (implicit when iterating to ``tol``, unrolled for a fixed K: fast and exact
+    either way) | "unrolled" | "implicit" | "envelope". total_charge: e (None: ``info["total_charge"]``
     or ``info["charge"]``, else the sum of the initial charges). coulomb_constant: eV·Å. dtype: "float64" (needs JAX x64 enabled) | "float32".
     reciprocal: the gaussian kernel's reciprocal-space method in periodic cells, "auto" | "ewald"
     (exact k-sum) | "pme" (particle-mesh Ewald), None: the kernel's default.
@@ -63,6 +71,11 @@ class QEqCalculator(Calculator):
     charge_margin: e, a charge beyond the largest |fragment charge| plus this is an error;
     max_memory: bytes a structure may take (None: the device's memory), checked before anything
     is built (``qeq_unroll.checks.Limits``).
+
+    A model without short-range terms (no ``pairs`` and no short-range network; the default
+    ``rappe-goddard-1991`` set) gives the electrostatics alone, under which structures collapse: a
+    ``qeq_unroll.QEqShortRangeWarning`` says so once, at construction, or else at the first
+    structure whose elements have no pair term among them.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "charges", "dipole", "stress"]
@@ -75,7 +88,7 @@ class QEqCalculator(Calculator):
         iterations=None,
         tol=None,
         max_iterations=1000,
-        gradient="unrolled",
+        gradient="auto",
         total_charge=None,
         coulomb_constant=qeq_unroll.COULOMB_CONSTANT,
         dtype="float64",
@@ -122,8 +135,10 @@ class QEqCalculator(Calculator):
             check_compatible(lp, self.kernel.name, params.elements, source=f"solver file {p.solver_params}")
         else:
             self.solver = qeq_unroll.get_solver(p.solver, p.iterations, tol, p.max_iterations)
-        self.gradient = qeq_unroll.get_gradient(p.gradient)
+        self.gradient = qeq_unroll.get_gradient(p.gradient, self.solver)
         self.qeq_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self._dtype), params)
+        self._short_range_warned = False
+        self._warn_without_short_range(None, stacklevel=3)
         energy = qeq_unroll.qeq_energy(self.kernel, self.solver, self.gradient, coulomb_constant, terms=terms)
         self._energy = energy
         self._evaluate = jax.jit(qeq_unroll.energy_and_forces(energy))
@@ -177,6 +192,7 @@ class QEqCalculator(Calculator):
         Free-space systems are padded to their size bucket when ``pad``; periodic ones never."""
         species = self.qeq_params.species_indices(atoms.get_chemical_symbols())
         self.qeq_params.require(self.kernel.required, species)
+        self._warn_without_short_range(species, stacklevel=4)
         conditions = self._conditions(atoms)
         if atoms.pbc.any():
             pbc = tuple(bool(b) for b in atoms.pbc)
@@ -184,6 +200,32 @@ class QEqCalculator(Calculator):
             return qeq_unroll.make_system(atoms.positions, species, cell=cell, pbc=pbc, dtype=self._dtype, **conditions)
         pad_to = qeq_unroll.size_bucket(len(atoms)) if pad else None
         return qeq_unroll.make_system(atoms.positions, species, pad_to=pad_to, dtype=self._dtype, **conditions)
+
+    def _warn_without_short_range(self, species, stacklevel):
+        """Warn (``QEqShortRangeWarning``, once per calculator) when the model has no short-range
+        terms between the elements of ``species`` (None: between any of its elements): no pair term
+        among them and no short-range network. Its energies and forces are then the electrostatics
+        alone, which nothing stops from pulling oppositely charged atoms onto each other."""
+        params = self.qeq_params
+        if self._short_range_warned or "short" in params.networks:
+            return
+        present = set(params.elements) if species is None else {params.elements[s] for s in np.unique(species)}
+        if any(set(key.split("-")) <= present for key in params.pairs):
+            return
+        self._short_range_warned = True
+        which = (
+            "(no \"pairs\" and no short-range network)" if species is None
+            else f"among {', '.join(sorted(present))} (its pair terms: {', '.join(params.pairs)})"
+        )
+        warnings.warn(
+            f"parameter set '{params.name}' has no short-range terms {which}: energies and forces are the "
+            "electrostatics alone, and structures will collapse under relaxation or MD. For short-range terms, "
+            "fit them to reference data with `qeq-unroll fit` (it adds pair terms between the data's elements), "
+            "or use a set with \"pairs\" between these elements (e.g. the built-in 'demo-nacl-water' for NaCl "
+            "and water)",
+            QEqShortRangeWarning,
+            stacklevel=stacklevel,
+        )
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -315,10 +357,11 @@ class QEqCalculator(Calculator):
                 f"after {int(aux['iterations'])} iterations (tol {solver.tol:g})"
             )
             if self.gradient.name == "implicit":
+                auto = " (gradient='auto' is implicit when iterating to tol)" if self.parameters.gradient == "auto" else ""
                 raise QEqConvergenceError(
-                    f"implicit gradients need a converged solve, but {detail}: the implicit forces would "
-                    "not be the derivative of the reported energy. Use gradient='unrolled' for a fixed "
-                    "number of iterations, or iterate to tol (iterations=None)"
+                    f"implicit gradients{auto} need a converged solve, but {detail}: the implicit forces would "
+                    "not be the derivative of the reported energy. Raise max_iterations or tol, or use "
+                    "gradient='unrolled' (exact forces of the unconverged energy) or a fixed number of iterations"
                 )
             if getattr(solver, "iterations", None) is None:
                 warnings.warn(f"charge solve did not converge: {detail}", QEqConvergenceWarning, stacklevel=3)

@@ -22,6 +22,7 @@ from .errors import (
     QEqNeighborError,
     QEqRangeError,
     QEqResourceError,
+    QEqShortRangeWarning,
 )
 from .gradients import GRADIENTS, Envelope, Implicit, Unrolled, get_gradient
 from .kernels import KERNELS, Gaussian, Point, ReaxFF, Slater, get_kernel

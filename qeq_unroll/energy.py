@@ -197,11 +197,13 @@ class QEqModel:
         return neighbors
 
 
-def qeq_energy(kernel="gaussian", solver="cg", gradient="unrolled", coulomb_constant=COULOMB_CONSTANT, terms=None) -> QEqModel:
+def qeq_energy(kernel="gaussian", solver="cg", gradient="auto", coulomb_constant=COULOMB_CONSTANT, terms=None) -> QEqModel:
     """A :class:`QEqModel` from strategy values or names (see ``kernels``, ``solvers``,
-    ``gradients``; ``terms`` None: ``terms.ElementTable``)."""
+    ``gradients``; ``gradient="auto"``: implicit for a solver iterating to a tolerance, unrolled
+    for a fixed K; ``terms`` None: ``terms.ElementTable``)."""
     terms = ElementTable() if terms is None else terms
-    return QEqModel(get_kernel(kernel), get_solver(solver), get_gradient(gradient), coulomb_constant, terms)
+    solver = get_solver(solver)
+    return QEqModel(get_kernel(kernel), solver, get_gradient(gradient, solver), coulomb_constant, terms)
 
 
 def energy_and_forces(energy):

@@ -48,3 +48,9 @@ def require_positive_integers(settings, names) -> None:
 
 class QEqConvergenceWarning(RuntimeWarning):
     """A charge solve run to a tolerance stopped at its iteration limit before reaching it."""
+
+
+class QEqShortRangeWarning(UserWarning):
+    """A model with no short-range terms between the elements of a structure (no pair terms, no
+    short-range network): its energies and forces are the electrostatics alone, and structures
+    collapse under relaxation or MD."""

@@ -57,7 +57,7 @@ from jax.flatten_util import ravel_pytree
 
 from . import ewald, lm
 from .dataset import Batch, Batcher, BatchPlan, Dataset
-from .errors import QEqInputError, require_positive_integers
+from .errors import QEqConvergenceError, QEqInputError, require_positive_integers
 from .loss import (  # noqa: F401  (re-exported: the fitting API in one place)
     TERMS,
     add_sums,
@@ -561,6 +561,23 @@ class _Run:
         return self.config.optimizer in ("lbfgs", "lm")
 
 
+def _indefinite_start(run: _Run, count: int, named: int = 3) -> QEqConvergenceError:
+    """The error for start parameters whose hardness matrix is not positive definite on ``count``
+    training structures, naming the first ``named`` of them (found one by one)."""
+    params, found = run.params, []
+    for i, c in enumerate(run.train.configurations):
+        if len(found) == named:
+            break
+        if evaluate(params, run.train.subset([i]), run.energy, offsets=np.zeros(len(params.elements)))["indefinite"]:
+            found.append(c.source or f"configuration {i}")
+    return QEqConvergenceError(
+        f"the start parameters '{params.name}' give a hardness matrix that is not positive definite on {count} "
+        f"training structure(s) ({', '.join(found)}{', ...' if count > len(found) else ''}) with kernel "
+        f"'{run.energy.kernel.name}': the charges run away and the fit would learn from garbage. Start from "
+        "larger hardness J or, for reaxff, smaller gamma (more shielding), or use the gaussian kernel"
+    )
+
+
 @dataclasses.dataclass
 class FitState:
     """Where a fit stands, all a checkpoint holds: the start ``raw0`` (raw coordinates with the
@@ -595,6 +612,8 @@ class FitState:
             offsets0 = jnp.asarray(_initial_offsets(fitter, raw0, run.batcher), dtype=params.chi.dtype)
             raw0 = fitter.replicate(_strong(run.par.raw(run.anchor, offsets0)))
         initial = {"train": fitter.metrics(raw0, run.train_eval)}
+        if initial["train"]["indefinite"]:
+            raise _indefinite_start(run, initial["train"]["indefinite"])
         if run.val_eval:
             initial["validation"] = fitter.metrics(raw0, run.val_eval)
         return cls(raw0, raw0, fitter.replicate(fitter.init(raw0)), raw0, initial=initial)

@@ -98,10 +98,21 @@ class Implicit:
 GRADIENTS = {"unrolled": Unrolled, "implicit": Implicit, "envelope": Envelope}
 
 
-def get_gradient(name):
-    """A gradient mode by name (a mode object is returned as is)."""
+#: The gradient-mode names the constructors take: the registry's and "auto".
+GRADIENT_NAMES = (*GRADIENTS, "auto")
+
+
+def get_gradient(name, solver=None):
+    """A gradient mode by name (a mode object is returned as is). ``"auto"`` picks by ``solver``:
+    ``implicit`` for a solver that iterates to a tolerance (``iterations`` None), whose backward
+    pass is then one more solve of the same accuracy, whatever the forward pass took, with no
+    tape of its iterations; ``unrolled`` for a fixed K (the forces are the exact derivative of
+    the K-step energy, which the implicit fixed point is not) and for direct solvers."""
     if not isinstance(name, str):
         return name
+    if name == "auto":
+        to_tolerance = hasattr(solver, "iterations") and solver.iterations is None
+        return Implicit() if to_tolerance else Unrolled()
     if name not in GRADIENTS:
-        raise QEqInputError(f"unknown gradient mode '{name}' (valid: {', '.join(GRADIENTS)})")
+        raise QEqInputError(f"unknown gradient mode '{name}' (valid: {', '.join(GRADIENT_NAMES)})")
     return GRADIENTS[name]()

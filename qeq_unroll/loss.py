@@ -72,6 +72,7 @@ def predict(model, params: Params, offsets, batch: Batch) -> dict:
         stress=stress,
         residual=aux["residual"],
         converged=aux["converged"],
+        positive_definite=aux["positive_definite"],
     )
 
 
@@ -116,6 +117,7 @@ def sums_of_errors(p: Mapping, batch: Batch) -> dict:
         out,
         configurations=jnp.sum(real),
         unconverged=jnp.sum(real & ~p["converged"]),
+        indefinite=jnp.sum(real & ~p["positive_definite"]),
         max_residual=jnp.max(jnp.where(real, p["residual"], 0.0)),
     )
 
@@ -151,8 +153,8 @@ def loss_from_sums(sums: Mapping, weights: Mapping):
 def metrics_from_sums(sums: Mapping, weights: Mapping) -> dict:
     """Host-side metrics: energy MAE and RMSE in meV/atom, force RMSE and MAE in eV/Å (over
     Cartesian components), charge RMSE in e, dipole RMSE in e·Å (per component), stress RMSE in
-    GPa (over the six Voigt components), the loss (no pull), the number of structures and of
-    unconverged solves. ``None`` where no reference."""
+    GPa (over the six Voigt components), the loss (no pull), the number of structures, of
+    unconverged solves and of solves that met a hardness matrix that is not positive definite. ``None`` where no reference."""
     s = {k: float(v) for k, v in sums.items()}
 
     def ratio(num, den, f=lambda x: x):
@@ -169,6 +171,7 @@ def metrics_from_sums(sums: Mapping, weights: Mapping) -> dict:
         stress_rmse_gpa=ratio("stress_sq", "stress_n", lambda x: GPA * math.sqrt(x)),
         configurations=int(s["configurations"]),
         unconverged=int(s["unconverged"]),
+        indefinite=int(s["indefinite"]),
         max_residual=s["max_residual"],
     )
 

@@ -47,6 +47,15 @@ def test_results_match_core(calc):
     assert calc.results["qeq_iterations"] == 3 and calc.results["qeq_residual"] > 0
 
 
+def test_auto_gradient_is_implicit_to_a_tolerance_and_unrolled_at_fixed_k(calc):
+    """The default: implicit where the solver iterates to ``tol`` (one more solve, no tape), unrolled
+    for a fixed K (``test_results_match_core`` checks those forces against the unrolled core)."""
+    assert calc.gradient.name == "unrolled"
+    assert QEqCalculator(params="demo-nacl-water").gradient.name == "implicit"
+    assert qu.qeq_energy("gaussian", qu.CG()).gradient.name == "implicit"
+    assert qu.qeq_energy("gaussian", qu.Exact()).gradient.name == "unrolled"
+
+
 def test_moving_atoms_does_not_recompile(calc):
     atoms = nacl_block()
     atoms.calc = calc
@@ -172,11 +181,16 @@ def test_implicit_refuses_unconverged_solve():
         atoms.get_forces()
 
 
-def test_tolerance_not_reached_warns():
+def test_tolerance_not_reached_warns_or_is_an_error_for_implicit_forces():
+    """Unrolled: the forces are exact for the unconverged energy, a warning says it did not
+    converge. The default (auto: implicit to a tolerance) cannot give exact forces: an error."""
     atoms = nacl_block(3, 3, 2)
     atoms.positions += np.random.default_rng(3).normal(0, 0.1, atoms.positions.shape)
-    atoms.calc = QEqCalculator(params="demo-nacl-water", solver="gd", tol=1e-14, max_iterations=2)
+    atoms.calc = QEqCalculator(params="demo-nacl-water", solver="gd", tol=1e-14, max_iterations=2, gradient="unrolled")
     with pytest.warns(qu.QEqConvergenceWarning, match="did not converge"):
+        atoms.get_potential_energy()
+    atoms.calc = QEqCalculator(params="demo-nacl-water", solver="gd", tol=1e-14, max_iterations=2)
+    with pytest.raises(QEqConvergenceError, match="gradient='auto' is implicit when iterating to tol"):
         atoms.get_potential_energy()
 
 
@@ -220,3 +234,60 @@ def test_float32_defaults_to_a_tolerance_it_can_reach():
     with pytest.raises(QEqInputError, match="tol 1e-10 cannot be reached in float32"):
         QEqCalculator(dtype="float32", tol=1e-10)
     QEqCalculator(dtype="float32", tol=1e-10, iterations=3)  # a fixed K: tol only stops it early
+
+
+def short_range_warnings(calc, *structures):
+    """The ``QEqShortRangeWarning``s of ``calc`` computing the energy of each of ``structures``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for atoms in structures:
+            atoms.calc = calc
+            atoms.get_potential_energy()
+    return [w for w in caught if issubclass(w.category, qu.QEqShortRangeWarning)]
+
+
+def test_a_set_without_short_range_terms_warns_once_at_construction():
+    with pytest.warns(qu.QEqShortRangeWarning, match="electrostatics alone.*collapse.*qeq-unroll fit.*pairs") as record:
+        calc = QEqCalculator(params="rappe-goddard-1991", solver="cg", iterations=3)
+    assert len([w for w in record if issubclass(w.category, qu.QEqShortRangeWarning)]) == 1
+    assert "'rappe-goddard-1991' has no short-range terms" in str(record[0].message)
+    assert not short_range_warnings(calc, molecule("H2O"), nacl_block())  # said once: not again per structure
+
+
+def test_pair_terms_between_the_elements_give_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qu.QEqShortRangeWarning)
+        calc = QEqCalculator(params="demo-nacl-water", solver="cg", iterations=3)
+    assert not short_range_warnings(calc, nacl_block())
+
+
+def test_a_structure_without_pair_terms_among_its_elements_warns_once():
+    """A set with pair terms, none of them among the structure's elements: the first calculation
+    of such a structure warns (also ``system``, the path of ``qeq-unroll md``), later ones do not."""
+    data = qu.load_params("demo-nacl-water").to_dict()
+    data["pairs"] = {"Cl-Na": data["pairs"]["Cl-Na"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qu.QEqShortRangeWarning)
+        calc = QEqCalculator(params=data, solver="cg", iterations=3)
+    assert not short_range_warnings(calc, nacl_block())
+    water, moved = molecule("H2O"), molecule("H2O")
+    moved.positions[0] += 0.05
+    caught = short_range_warnings(calc, water, moved)
+    assert len(caught) == 1
+    assert "no short-range terms among H, O (its pair terms: Cl-Na)" in str(caught[0].message)
+    with pytest.warns(qu.QEqShortRangeWarning, match="among H, O"):
+        QEqCalculator(params=data).system(molecule("H2O"), pad=False)
+
+
+def test_a_short_range_network_gives_no_warning(tmp_path):
+    """A model file (``neural``) of a set without pair terms: its short-range network is the
+    short-range energy."""
+    from qeq_unroll.neural import neural_terms, save_model
+
+    params = qu.load_params("rappe-goddard-1991").restricted(["Na", "Cl"])
+    terms = neural_terms(len(params.elements), max_neighbors=8)
+    networks = terms.init_networks(jax.random.PRNGKey(0), len(params.elements))
+    save_model(tmp_path / "model.json", terms, params.replace(networks=networks), qu.Gaussian(), qu.COULOMB_CONSTANT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qu.QEqShortRangeWarning)
+        QEqCalculator(params=str(tmp_path / "model.json")).system(nacl_block(), pad=False)

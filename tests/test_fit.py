@@ -218,6 +218,19 @@ def test_positivity_by_construction():
     np.testing.assert_allclose(back.chi, START.chi, rtol=1e-14)
 
 
+def test_fit_refuses_start_parameters_with_an_indefinite_hardness_matrix(data):
+    """reaxff shielding far too weak for these ion distances (coupling at contact k_e·3 /Å ≈ 43 eV
+    against J ≈ 6-9 eV): the charges run away, and the fit says so before it starts, naming the
+    structures, instead of learning from unconverged charges."""
+    d = START.to_dict()
+    for el in d["elements"]:
+        d["elements"][el]["gamma"] = 3.0
+    weak = qu.Params.from_dict(d)
+    energy = qu.qeq_energy(qu.get_kernel("reaxff", 8.0), qu.CG(iterations=12), "unrolled")
+    with pytest.raises(qu.QEqConvergenceError, match=r"not positive definite on 5 training structure\(s\) \(labelled:2, labelled:3, labelled:5, \.\.\.\)"):
+        F.fit(weak, data, energy, F.FitConfig(epochs=1, train=("chi", "hardness", "gamma")))
+
+
 def test_uniform_chi_shift_is_a_gauge_and_is_held(data, uninterrupted):
     batch = Batcher(data.subset([0, 1, 2]), 3).all_batches()[0]
     loss, _ = force_loss(UNROLLED)
