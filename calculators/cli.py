@@ -7,6 +7,7 @@ Commands:
     fit     fit QEq and pair parameters to reference data (extended XYZ) through the solver.
     plot-fit  draw the learning curves of a fit log to PNG.
     md      molecular dynamics on the device (jax-md) with frames and a drift report.
+    relax   relax structures on the device (FIRE), many at once.
     export-lammps  write a LAMMPS deck that computes a parameter set's energy, forces and charges.
 
 The parser is a subcommand layout: a command is a function ``add_<name>(subparsers)`` that adds
@@ -72,13 +73,19 @@ def add_md(subparsers) -> None:
     add(subparsers)
 
 
+def add_relax(subparsers) -> None:
+    from .device_relax import add_relax as add
+
+    add(subparsers)
+
+
 def add_export_lammps(subparsers) -> None:
     from .export import add_export_lammps as add
 
     add(subparsers)
 
 
-COMMANDS = (add_demo, add_train_solver, add_fit, add_plot_fit, add_md, add_export_lammps)
+COMMANDS = (add_demo, add_train_solver, add_fit, add_plot_fit, add_md, add_relax, add_export_lammps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     from qeq_unroll import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--compilation-cache", metavar="DIR", default=None,
+                       help="folder of JAX's persistent compilation cache (default $QEQ_UNROLL_CACHE_DIR or "
+                       "~/.cache/qeq-unroll/jax): later runs load compiled functions instead of compiling them")
+    cache.add_argument("--no-compilation-cache", action="store_true", help="compile everything anew in this run")
     subparsers = parser.add_subparsers(dest="command", metavar="command")
     subparsers.required = True
     for add in COMMANDS:
@@ -96,10 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    """Entry point of the ``qeq-unroll`` console script; returns the exit status."""
+def main(argv=None, compilation_cache: bool = False) -> int:
+    """Run a command line; returns the exit status. ``compilation_cache``: switch on JAX's
+    persistent compilation cache (unless ``--no-compilation-cache``), as the console script does;
+    off for calls from Python, whose process the cache setting would outlive."""
     args = build_parser().parse_args(argv)
     import jax
+
+    if compilation_cache and not args.no_compilation_cache:
+        from qeq_unroll.compilation_cache import enable_compilation_cache
+
+        enable_compilation_cache(args.compilation_cache)
 
     try:
         with jax.enable_x64(True):  # the command works in float64; the process-wide setting is left alone
@@ -109,5 +128,10 @@ def main(argv=None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``qeq-unroll`` console script: :func:`main` with the compilation cache."""
+    sys.exit(main(compilation_cache=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -244,7 +244,7 @@ class QEqCalculator(Calculator):
     def _store(self, atoms, energy, forces, aux):
         n = len(atoms)
         q = np.asarray(aux["charges"][:n], dtype=float)
-        energy = float(energy) + sum(self._offsets.get(s, 0.0) for s in atoms.get_chemical_symbols())
+        energy = float(energy) + self.energy_offset(atoms)
         self.results = {
             "energy": energy,
             "free_energy": energy,
@@ -255,6 +255,10 @@ class QEqCalculator(Calculator):
             "qeq_iterations": int(aux["iterations"]),
             "qeq_converged": bool(aux["converged"]),
         }
+
+    def energy_offset(self, atoms) -> float:
+        """The model file's per-element energy offsets summed over ``atoms`` (eV; 0 without)."""
+        return sum(self._offsets.get(s, 0.0) for s in atoms.get_chemical_symbols())
 
     def _calculate_periodic(self, atoms, properties):
         if self.parameters.solver == "learned":

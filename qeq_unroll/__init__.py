@@ -14,6 +14,7 @@ the library never changes JAX's global configuration.
 from .constants import COULOMB_CONSTANT, LAMMPS_COULOMB_CONSTANT
 from .energy import QEqModel, dipole_moment, energy_and_forces, energy_forces_stress, qeq_energy
 from .checks import Limits
+from .compilation_cache import enable_compilation_cache
 from .errors import (
     QEqConvergenceError,
     QEqConvergenceWarning,
