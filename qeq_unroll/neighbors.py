@@ -415,21 +415,32 @@ def until_it_fits(attempt, multiplier: float = 1.25, max_multiplier: float = MAX
 FAR_SHIFT = 1.0e6
 
 
-def stackable(nbrs: Neighbors) -> Neighbors:
+def _padded(needed: int, before: int, headroom: float) -> int:
+    """The padded size of ``needed`` rows: ``before`` while they fit, else the size bucket of
+    ``headroom`` times ``needed``."""
+    return before if needed <= before else size_bucket(math.ceil(headroom * needed))
+
+
+def stackable(nbrs: Neighbors, like: Neighbors | None = None, headroom: float = 1.0) -> Neighbors:
     """``nbrs`` with its lattice translations and Ewald reciprocal vectors padded to size buckets
-    (``system.size_bucket``), so that the neighbours of similar cells have one shape and stack into
-    a batch (fitting). The interactions are unchanged: the extra translations lie ``FAR_SHIFT``
-    cells away, beyond every cutoff, and the extra Miller indices are (0, 0, 0), which the
-    reciprocal sum skips. Neighbour lists and PME meshes are left as they are."""
+    (``system.size_bucket`` of ``headroom`` times their number), or to the sizes of ``like``
+    (earlier neighbours of the same structure) where they fit, so that the neighbours of similar cells
+    have one shape: they stack into a batch (fitting), and a cell that changes (relaxation) keeps
+    the compiled functions. The interactions
+    are unchanged: the extra translations lie ``FAR_SHIFT`` cells away, beyond every cutoff, and the
+    extra Miller indices are (0, 0, 0), which the reciprocal sum skips. Neighbour lists and PME
+    meshes are left as they are."""
     pairs, reciprocal = nbrs.pairs, nbrs.reciprocal
     if isinstance(pairs, ImageList):
         shifts = np.asarray(pairs.shifts)
-        extra = size_bucket(len(shifts)) - len(shifts)
+        before = like.pairs.shifts.shape[0] if like is not None and isinstance(like.pairs, ImageList) else 0
+        extra = _padded(len(shifts), before, headroom) - len(shifts)
         far = np.tile([[FAR_SHIFT, 0.0, 0.0]], (extra, 1))
         pairs = dataclasses.replace(pairs, shifts=jnp.asarray(np.concatenate([shifts, far]), dtype=pairs.shifts.dtype))
     if isinstance(reciprocal, ewald.Reciprocal):
         miller = np.asarray(reciprocal.miller)
-        extra = size_bucket(len(miller)) - len(miller)
+        before = like.reciprocal.miller.shape[0] if like is not None and isinstance(like.reciprocal, ewald.Reciprocal) else 0
+        extra = _padded(len(miller), before, headroom) - len(miller)
         padded = np.concatenate([miller, np.zeros((extra, 3))])
         reciprocal = dataclasses.replace(reciprocal, miller=jnp.asarray(padded, dtype=reciprocal.miller.dtype))
     return Neighbors(pairs=pairs, reciprocal=reciprocal)

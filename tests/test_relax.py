@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk
+from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS
 
 from calculators import QEqCalculator
@@ -80,3 +81,27 @@ def test_relax_command_writes_every_structure_and_names_the_unconverged(tmp_path
     for atoms, flag in zip(relaxed, flags):
         fmax = np.linalg.norm(atoms.get_forces(), axis=1).max()
         assert fmax == pytest.approx(atoms.info["relax_fmax"]) and (fmax <= 0.05) == flag
+
+
+CELL_PARAMS = {
+    "name": "cell-relax-test",
+    "elements": {"Na": {"chi": 2.84, "hardness": 9.0, "gamma": 0.6, "sigma": 1.0},
+                 "Cl": {"chi": 8.56, "hardness": 12.0, "gamma": 0.65, "sigma": 1.0}},
+    "pairs": {k: {"born_mayer": {"A": 1200.0, "rho": 0.32}} for k in ("Cl-Na", "Cl-Cl", "Na-Na")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel, options", [("gaussian", {}), ("reaxff", {"cutoff": 8.0})])
+def test_cell_relaxation_compiles_a_handful_of_times(kernel, options, caplog):
+    """A 60-step FrechetCellFilter relaxation of a 64-atom cell strained by 3 %: every cell change
+    rebuilds the images and Ewald k-vectors, padded so that their shapes (and the compiled step)
+    stay; at most 3 compilations of the periodic step in all (without the padding: one per few
+    steps, 60 in this run)."""
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat(2)
+    atoms.set_cell(atoms.cell * 1.03, scale_atoms=True)
+    atoms.rattle(0.05, seed=1)
+    atoms.calc = QEqCalculator(params=CELL_PARAMS, kernel=kernel, **options)
+    with caplog.at_level("WARNING"), jax.log_compiles():
+        BFGS(FrechetCellFilter(atoms), logfile=None).run(fmax=0.01, steps=60)
+    compiles = [r for r in caplog.records if "Finished XLA compilation of jit(periodic_step)" in r.getMessage()]
+    assert 1 <= len(compiles) <= 3
