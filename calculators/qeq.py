@@ -10,10 +10,11 @@ Every property comes from one jitted evaluation of ``qeq_unroll.energy_and_force
 are padded to size buckets (``qeq_unroll.size_bucket``), so moving atoms never recompiles and a
 change of atom count recompiles at most once per bucket.
 
-Periodic atoms (any ``atoms.pbc``) go through ``qeq_unroll.energy_forces_stress`` with the
-kernel's neighbours (``energy.neighbors``): built once, updated inside the jitted call as atoms
-move, and rebuilt on the host (never used stale) when the list overflows or the cell changes.
-Stress (ASE Voigt order, eV/Å³) needs a non-singular cell.
+Periodic atoms (any ``atoms.pbc``) go through ``qeq_unroll.energy_and_forces`` or, once the stress
+has been asked for, ``energy_forces_stress``, with the kernel's neighbours (``energy.neighbors``):
+built once, updated inside the jitted call as atoms move, and rebuilt on the host (never used
+stale) when the list overflows or the cell changes, with lattice translations and k-vectors padded
+so that a changing cell keeps its shapes. Stress (ASE Voigt order, eV/Å³) needs a non-singular cell.
 """
 
 from __future__ import annotations
@@ -146,17 +147,22 @@ class QEqCalculator(Calculator):
         energy = qeq_unroll.qeq_energy(self.kernel, self.solver, self.gradient, coulomb_constant, terms=terms)
         self._energy = energy
         self._evaluate = jax.jit(qeq_unroll.energy_and_forces(energy))
-        efs = qeq_unroll.energy_forces_stress(energy)
+        efs, ef = qeq_unroll.energy_forces_stress(energy), qeq_unroll.energy_and_forces(energy)
 
-        def periodic_step(params, system, neighbors):
+        def periodic_step(params, system, neighbors, stress=True):
+            """Energy, forces and (when asked for: it costs a strain derivative) the stress."""
             neighbors = energy.update_neighbors(neighbors, system)
-            e, f, stress, aux = efs(params, system, neighbors)
-            return e, f, stress, aux, neighbors
+            if stress:
+                e, f, sigma, aux = efs(params, system, neighbors)
+            else:
+                (e, f, aux), sigma = ef(params, system, neighbors), None
+            return e, f, sigma, aux, neighbors
 
-        self._evaluate_periodic = jax.jit(periodic_step)
+        self._evaluate_periodic = jax.jit(periodic_step, static_argnames="stress")
         self._neighbors = None
         self._neighbors_key = None
         self._checked_size = None
+        self._stress_asked = False
 
     def _model(self, given):
         """``(params, terms, kernel, coulomb_constant)``: from a model file (``neural.save_model``),
@@ -278,6 +284,10 @@ class QEqCalculator(Calculator):
                 f"stress needs a non-singular cell (volume > 0), got cell {cell.tolist()}: give every "
                 "non-periodic direction a cell vector too"
             )
+        # the stress costs a strain derivative: computed once asked for, and from then on (a cell
+        # filter asks for forces and stress of every step: one evaluation gives both)
+        self._stress_asked = self._stress_asked or "stress" in properties
+        wants_stress = self._stress_asked and not singular
         key = (len(atoms), pbc, tuple(sorted(set(species.tolist()))), round(total, 12))
         reuse = self._neighbors is not None and self._neighbors_key == key and not self._cell_changed(cell)
 
@@ -291,7 +301,7 @@ class QEqCalculator(Calculator):
                 ), like=previous, headroom=1.0 if previous is None else CELL_CHANGE_HEADROOM)
                 self._neighbors_key, self._neighbors_cell = key, cell.copy()
             reuse = False
-            out = self._evaluate_periodic(self.qeq_params, system, self._neighbors)
+            out = self._evaluate_periodic(self.qeq_params, system, self._neighbors, stress=wants_stress)
             return out, out[-1].error
 
         try:
@@ -302,7 +312,7 @@ class QEqCalculator(Calculator):
         self._neighbors = neighbors
         self._check(atoms, system, aux, neighbors)
         self._store(atoms, energy, forces, aux)
-        if not singular:
+        if wants_stress:
             s = np.asarray(stress, dtype=float)
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
 

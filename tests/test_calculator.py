@@ -291,3 +291,22 @@ def test_a_short_range_network_gives_no_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", qu.QEqShortRangeWarning)
         QEqCalculator(params=str(tmp_path / "model.json")).system(nacl_block(), pad=False)
+
+
+def test_stress_is_computed_once_asked_for():
+    """Forces alone skip the strain derivative; once the stress was asked for (a cell filter asks
+    at every step) each evaluation gives it, equal to a fresh calculator's."""
+    from ase.build import bulk
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    atoms.rattle(0.05, seed=2)
+    atoms.calc = QEqCalculator(params="demo-nacl-water")
+    forces = atoms.get_forces()
+    assert "stress" not in atoms.calc.results
+    fresh = atoms.copy()
+    fresh.calc = QEqCalculator(params="demo-nacl-water")
+    np.testing.assert_allclose(atoms.get_stress(), fresh.get_stress(), atol=1e-12)
+    np.testing.assert_allclose(atoms.get_forces(), forces, atol=1e-12)
+    atoms.positions[0, 0] += 0.01
+    atoms.get_forces()
+    assert "stress" in atoms.calc.results
