@@ -35,6 +35,8 @@ def _frame(atoms, result: R.Relaxed, offset: float):
     from ase.calculators.singlepoint import SinglePointCalculator
 
     out = atoms.copy()
+    if result.cell is not None:
+        out.set_cell(result.cell)
     out.positions = result.positions
     out.set_initial_charges(result.charges)
     out.calc = SinglePointCalculator(out, energy=result.energy + offset, forces=result.forces, charges=result.charges)
@@ -42,10 +44,10 @@ def _frame(atoms, result: R.Relaxed, offset: float):
     return out
 
 
-def relax_structures(frames, calc, fmax=0.05, steps=1000, batch_size=64, progress=True) -> list:
+def relax_structures(frames, calc, fmax=0.05, steps=1000, batch_size=64, progress=True, cell=False) -> list:
     """Relaxed copies of ``frames`` (ASE atoms) with the model of ``calc`` (a ``QEqCalculator``):
-    FIRE on the device until the largest force is below ``fmax`` eV/Å or ``steps`` steps, in the
-    input order, each with a single-point calculator (energy eV, forces, charges) and its
+    FIRE on the device until the largest force is below ``fmax`` eV/Å or ``steps`` steps (with
+    ``cell``, the cells of periodic frames too, until V σ / N is below ``fmax`` eV), in the input order, each with a single-point calculator (energy eV, forces, charges) and its
     ``relax_*`` info."""
     from tqdm import tqdm
 
@@ -55,7 +57,7 @@ def relax_structures(frames, calc, fmax=0.05, steps=1000, batch_size=64, progres
     for ids in _groups(frames, batch_size):
         systems = [calc.system(frames[i], pad=True) for i in ids]
         if frames[ids[0]].pbc.any():
-            done = [R.fire(energy, params, systems[0], fmax, steps, skin=p.skin, layout=p.neighbor_layout)]
+            done = [R.fire(energy, params, systems[0], fmax, steps, skin=p.skin, layout=p.neighbor_layout, cell=cell)]
         else:
             done = R.fire_batch(energy, params, systems, fmax, steps)
         for i, result in zip(ids, done):
@@ -70,7 +72,7 @@ def add_relax(subparsers) -> None:
         "relax",
         help="relax structures on the device (FIRE, batched)",
         description="Relax every structure of IN (any file ase.io reads) with FIRE jitted on the device: free-space "
-        "structures of similar size together in batches, periodic ones one at a time (cell fixed). Writes all of them "
+        "structures of similar size together in batches, periodic ones one at a time (with --cell, their cells too). Writes all of them "
         "to OUT (extended XYZ) with energy, forces, charges and relax_converged / relax_steps / relax_fmax.",
     )
     p.add_argument("structures", help="input structures (all frames are relaxed)")
@@ -78,6 +80,8 @@ def add_relax(subparsers) -> None:
     p.add_argument("--fmax", type=float, default=0.05, help="force threshold in eV/A (default 0.05)")
     p.add_argument("--steps", type=int, default=1000, help="FIRE steps per structure at most (default 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="free-space structures relaxed together (default 64)")
+    p.add_argument("--cell", action="store_true",
+                   help="relax the cells of periodic structures too (until the largest component of V*stress/N is below --fmax, eV)")
     add_model_options(p, params="demo-nacl-water", only=("params", "kernel", "cutoff", "solver", "iterations", "tol",
                                                          "max_iterations", "gradient"))  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -96,7 +100,7 @@ def _run(args, echo=print) -> int:
         if not np.all(np.isfinite(atoms.positions)):
             raise QEqInputError(f"{args.structures}:{k}: non-finite positions")
     calc = QEqCalculator(**model_settings(args))
-    relaxed = relax_structures(frames, calc, args.fmax, args.steps, args.batch_size, progress=not args.quiet)
+    relaxed = relax_structures(frames, calc, args.fmax, args.steps, args.batch_size, progress=not args.quiet, cell=args.cell)
     tmp = f"{args.out}.tmp.xyz"
     ase.io.write(tmp, relaxed, format="extxyz")
     os.replace(tmp, args.out)

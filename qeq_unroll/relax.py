@@ -20,12 +20,16 @@ import numpy as np
 from jax import lax
 
 from . import md
+from .energy import energy_and_forces
 from .errors import QEqInputError
+from .neighbors import stackable
+from .periodic import deform
 
 
 class Relaxed(NamedTuple):
     """One relaxed structure: positions (N, 3) Å of the real atoms, energy eV, forces (N, 3) eV/Å,
-    charges (N,) e, the largest force norm ``fmax`` eV/Å, the FIRE ``steps`` taken and ``converged``
+    charges (N,) e, the convergence measure ``fmax`` (the largest force norm, eV/Å, and with the
+    cell relaxed the largest component of V σ / N, eV), the relaxed ``cell`` (3, 3) Å or None, the FIRE ``steps`` taken and ``converged``
     (fmax below the target within the step budget)."""
 
     positions: np.ndarray
@@ -35,23 +39,44 @@ class Relaxed(NamedTuple):
     fmax: float
     steps: int
     converged: bool
+    cell: np.ndarray | None = None
 
 
-@functools.lru_cache(maxsize=None)
-def _fire(energy, dt_start, dt_max):
-    """``(init_fn, apply_fn)`` of FIRE on ``fn(R, params=, system=, neighbor=)`` (one per model
-    and step sizes, so that the jitted functions below are built and compiled once)."""
-    from jax_md import minimize, space  # noqa: PLC0415 - heavy import
-
-    def fn(positions, params=None, system=None, neighbor=None, **ignored):
-        return energy(params, dataclasses.replace(system, positions=positions), neighbor, None)[0]
-
-    return minimize.fire_descent(fn, space.free()[1], dt_start=dt_start, dt_max=dt_max)
+def _physical(x, system):
+    """The system at FIRE coordinates ``x``: positions (N, 3) Å with the cell fixed, or
+    ``{"positions": R, "strain": u}`` with the cell relaxed: positions and cell deformed by the
+    strain ε = u / N (N real atoms), x → x (1 + ε), so that −∂E/∂u = −V σ / N (eV) weighs like an
+    atom's force (as ASE's cell filters scale the cell's degrees of freedom)."""
+    if not isinstance(x, dict):
+        return dataclasses.replace(system, positions=x)
+    n = jnp.sum(system.mask)
+    positions, cell = deform(x["positions"], system.cell, x["strain"] / n)
+    return dataclasses.replace(system, positions=positions, cell=cell)
 
 
 def _fmax(force, mask):
     """The largest force norm over the real atoms (eV/Å)."""
     return jnp.max(jnp.where(mask, jnp.linalg.norm(force, axis=-1), 0.0))
+
+
+def _largest_force(force, system):
+    """The largest force norm over the real atoms (eV/Å) and, with the cell relaxed, the largest
+    component of −V σ / N (eV): the convergence measure."""
+    if not isinstance(force, dict):
+        return _fmax(force, system.mask)
+    return jnp.maximum(_fmax(force["positions"], system.mask), jnp.max(jnp.abs(force["strain"])))
+
+
+@functools.lru_cache(maxsize=None)
+def _fire(energy, dt_start, dt_max):
+    """``(init_fn, apply_fn)`` of FIRE on ``fn(x, params=, system=, neighbor=)`` (one per model
+    and step sizes, so that the jitted functions below are built and compiled once)."""
+    from jax_md import minimize, space  # noqa: PLC0415 - heavy import
+
+    def fn(x, params=None, system=None, neighbor=None, **ignored):
+        return energy(params, _physical(x, system), neighbor, None)[0]
+
+    return minimize.fire_descent(fn, space.free()[1], dt_start=dt_start, dt_max=dt_max)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,18 +87,21 @@ def _single(energy, dt_start, dt_max):
 
     def cond(carry):
         state, nbrs, params, system, fmax, i, limit = carry
-        return (i < limit) & (_fmax(state.force, system.mask) > fmax) & ~nbrs.did_buffer_overflow
+        return (i < limit) & (_largest_force(state.force, system) > fmax) & ~nbrs.did_buffer_overflow
 
     def body(carry):
         state, nbrs, params, system, fmax, i, limit = carry
-        nbrs = energy.update_neighbors(nbrs, dataclasses.replace(system, positions=state.position))
+        nbrs = energy.update_neighbors(nbrs, _physical(state.position, system))
         return apply_fn(state, params=params, system=system, neighbor=nbrs), nbrs, params, system, fmax, i + 1, limit
 
     def block(state, nbrs, params, system, fmax, limit):
         state, nbrs, *_, taken, _ = lax.while_loop(cond, body, (state, nbrs, params, system, fmax, 0, limit))
         return state, nbrs, taken
 
-    init = lambda params, system, nbrs: init_fn(system.positions, params=params, system=system, neighbor=nbrs)  # noqa: E731
+    def init(x, params, system, nbrs):  # unit masses, one per leaf of the coordinates
+        mass = jax.tree_util.tree_map(lambda leaf: jnp.ones((), leaf.dtype), x)
+        return init_fn(x, mass=mass, params=params, system=system, neighbor=nbrs)
+
     return jax.jit(init), jax.jit(block)
 
 
@@ -110,34 +138,48 @@ def _batch(energy, dt_start, dt_max):
 
 @functools.lru_cache(maxsize=None)
 def _evaluate(energy):
-    return jax.jit(lambda positions, params, system, nbrs: energy(params, dataclasses.replace(system, positions=positions), nbrs, None))
+    """Jitted ``(E, forces, aux)`` of a system (forces −∂E/∂R, eV/Å)."""
+    return jax.jit(energy_and_forces(lambda params, system, nbrs: energy(params, system, nbrs, None)))
 
 
 def _result(energy, params, state, system, nbrs, steps, fmax) -> Relaxed:
-    e, aux = _evaluate(energy)(state.position, params, system, nbrs)
+    relaxed = _physical(state.position, system)
+    e, forces, aux = _evaluate(energy)(params, relaxed, nbrs)
     n = int(np.sum(np.asarray(system.mask)))
-    f = float(_fmax(state.force, system.mask))
-    return Relaxed(np.asarray(state.position)[:n], float(e), np.asarray(state.force)[:n], np.asarray(aux["charges"])[:n], f,
-                   int(steps), f <= fmax)  # fmt: skip
+    f = float(_largest_force(state.force, system))
+    cell = None if relaxed.cell is None else np.asarray(relaxed.cell)
+    return Relaxed(np.asarray(relaxed.positions)[:n], float(e), np.asarray(forces)[:n], np.asarray(aux["charges"])[:n], f,
+                   int(steps), f <= fmax, cell)  # fmt: skip
 
 
 def fire(energy, params, system, fmax=0.05, steps=1000, skin=1.0, layout="auto", block=100, dt_start=0.1,
-         dt_max=0.4, capacity_multiplier=1.25) -> Relaxed:  # fmt: skip
-    """Relax one structure (free or periodic; cell fixed) with FIRE until the largest force is
-    below ``fmax`` (eV/Å) or ``steps`` steps were taken. The neighbour list (``skin`` Å) is
-    updated before every step and reallocated on the host when it overflows (the block is redone)."""
+         dt_max=0.4, capacity_multiplier=1.25, cell=False) -> Relaxed:  # fmt: skip
+    """Relax one structure (free or periodic) with FIRE until the largest force is below ``fmax``
+    (eV/Å) or ``steps`` steps were taken. ``cell``: relax the cell of a periodic structure too
+    (positions and a homogeneous strain, the stress as its force; see ``_physical``). The
+    neighbour list (``skin`` Å) is updated before every step and reallocated on the host when it
+    overflows (the block is redone); with ``cell``, the images and Ewald k-vectors are planned
+    again for the current cell after every block (padded to keep their shapes)."""
+    if cell and system.cell is None:
+        raise QEqInputError("cell relaxation needs a periodic structure")
     init, block_fn = _single(energy, float(dt_start), float(dt_max))
     nfn = md.neighbor_fn(energy, params, system, skin, layout)
     nbrs = nfn.allocate(system.positions, capacity_multiplier)
-    state = init(params, system, nbrs)
+    x = {"positions": system.positions, "strain": jnp.zeros((3, 3), system.positions.dtype)} if cell else system.positions
+    state = init(x, params, system, nbrs)
     done = 0
-    while done < steps and float(_fmax(state.force, system.mask)) > fmax:
+    while done < steps and float(_largest_force(state.force, system)) > fmax:
         new, new_nbrs, taken = block_fn(state, nbrs, params, system, fmax, min(block, steps - done))
         if bool(new_nbrs.did_buffer_overflow):
             capacity_multiplier *= md.GROWTH
-            nbrs = nfn.allocate(state.position, capacity_multiplier)
+            nbrs = md.neighbor_fn(energy, params, _physical(state.position, system), skin, layout).allocate(
+                _physical(state.position, system).positions, capacity_multiplier)
             continue
         state, nbrs, done = new, new_nbrs, done + int(taken)
+        if cell:  # plan the images and k-vectors for the current cell
+            current = _physical(state.position, system)
+            nbrs = stackable(md.neighbor_fn(energy, params, current, skin, layout).allocate(current.positions, capacity_multiplier),
+                             like=nbrs, headroom=1.5)  # fmt: skip
     return _result(energy, params, state, system, nbrs, done, fmax)
 
 

@@ -19,6 +19,13 @@ jax.config.update("jax_enable_x64", True)
 
 FMAX = 1e-3  # eV/Å
 
+CELL_PARAMS = {
+    "name": "cell-relax-test",
+    "elements": {"Na": {"chi": 2.84, "hardness": 9.0, "gamma": 0.6, "sigma": 1.0},
+                 "Cl": {"chi": 8.56, "hardness": 12.0, "gamma": 0.65, "sigma": 1.0}},
+    "pairs": {k: {"born_mayer": {"A": 1200.0, "rho": 0.32}} for k in ("Cl-Na", "Cl-Cl", "Na-Na")},
+}  # fmt: skip
+
 
 def cluster(seed, n=8):
     """n atoms of a 2×2×2 rock-salt cube (2.8 Å), rattled."""
@@ -56,6 +63,23 @@ def test_device_fire_reaches_the_bfgs_minimum(calc, structure):
     np.testing.assert_allclose(moved.get_forces(), result.forces, atol=1e-9)  # forces of the reported positions
 
 
+def test_device_cell_relaxation_reaches_the_frechet_cell_filter_minimum():
+    """Positions and cell of a rattled rock-salt cell strained by 3 %, gaussian (Ewald) kernel:
+    the minimum of ASE's FrechetCellFilter + BFGS, energies to 1e-4 eV/atom and the cell to 1 %."""
+    calc = QEqCalculator(params=CELL_PARAMS)
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    atoms.set_cell(atoms.cell * 1.03, scale_atoms=True)
+    atoms.rattle(0.05, seed=1)
+    reference = atoms.copy()
+    reference.calc = calc
+    assert BFGS(FrechetCellFilter(reference), logfile=None).run(fmax=1e-4, steps=500)
+    result = fire(calc.energy_function, calc.qeq_params, calc.system(atoms), fmax=1e-3, steps=3000, cell=True)
+    assert result.converged
+    assert abs(result.energy - reference.get_potential_energy()) / len(atoms) < 1e-4
+    np.testing.assert_allclose(result.cell, reference.cell[:], rtol=1e-2, atol=1e-2)
+    assert abs(np.linalg.det(result.cell) / atoms.get_volume() - 1) > 0.5  # the cell did move (its volume nearly triples: this test set repels strongly)
+
+
 def test_batch_equals_each_structure_alone(calc):
     systems = [calc.system(cluster(seed, n)) for seed, n in [(1, 8), (2, 8), (3, 6)]]
     together = fire_batch(calc.energy_function, calc.qeq_params, systems, fmax=FMAX, steps=3000)
@@ -83,12 +107,6 @@ def test_relax_command_writes_every_structure_and_names_the_unconverged(tmp_path
         assert fmax == pytest.approx(atoms.info["relax_fmax"]) and (fmax <= 0.05) == flag
 
 
-CELL_PARAMS = {
-    "name": "cell-relax-test",
-    "elements": {"Na": {"chi": 2.84, "hardness": 9.0, "gamma": 0.6, "sigma": 1.0},
-                 "Cl": {"chi": 8.56, "hardness": 12.0, "gamma": 0.65, "sigma": 1.0}},
-    "pairs": {k: {"born_mayer": {"A": 1200.0, "rho": 0.32}} for k in ("Cl-Na", "Cl-Cl", "Na-Na")},
-}  # fmt: skip
 
 
 @pytest.mark.parametrize("kernel, options", [("gaussian", {}), ("reaxff", {"cutoff": 8.0})])
