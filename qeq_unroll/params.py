@@ -93,8 +93,10 @@ class Params:
         the set has and the built-in sets that have them. ``what`` replaces the leading
         "element X" (e.g. "element K (LAMMPS type 2)")."""
         what = what or f"element{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+        cased = [s.strip().capitalize() for s in missing if s.strip().capitalize() in self.elements and s.strip().capitalize() != s]
+        hint = f" (symbols are case-sensitive: {', '.join(cased)}?)" if cased else ""
         return QEqInputError(
-            f"{what} missing from parameter set '{self.name}' (it has {', '.join(self.elements)}); "
+            f"{what} missing from parameter set '{self.name}'{hint} (it has {', '.join(self.elements)}); "
             f"{_builtin_sets_having(missing)}"
         )
 

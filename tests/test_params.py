@@ -172,3 +172,8 @@ def test_params_are_a_differentiable_pytree():
     q = np.asarray(energy(p, system)[1]["charges"])
     assert abs(float(grads.chi[i_na]) - q[0]) < 1e-10
     assert float(grads.pairs["Cl-Na"]["born_mayer"]["A"]) > 0
+
+
+def test_missing_element_in_the_wrong_case_suggests_the_symbol():
+    with pytest.raises(QEqInputError, match=r"symbols are case-sensitive: Cl, Na\?"):
+        qu.load_params("rappe-goddard-1991").species_indices(["na", "CL"])
