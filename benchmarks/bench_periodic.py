@@ -192,7 +192,7 @@ def ours(pos, kinds, cell, q_lammps):
     return result, lambda: jax.block_until_ready(evaluate(PARAMS, system, nbrs))
 
 
-def calculator_time(pos, kinds, cell, tol, repeats=3) -> float:
+def calculator_time(pos, kinds, cell, tol, repeats=7) -> float:
     """Median seconds of one energy + forces through ``QEqCalculator`` as the README shows it
     (default settings but the kernel, its cutoff, k_e and ``tol``), the atoms nudged by 1e-6 Å
     before each call so that it computes anew (its neighbour list is updated, not rebuilt)."""

@@ -149,20 +149,23 @@ class QEqCalculator(Calculator):
         self._evaluate = jax.jit(qeq_unroll.energy_and_forces(energy))
         efs, ef = qeq_unroll.energy_forces_stress(energy), qeq_unroll.energy_and_forces(energy)
 
-        def periodic_step(params, system, neighbors, stress=True):
-            """Energy, forces and (when asked for: it costs a strain derivative) the stress."""
-            neighbors = energy.update_neighbors(neighbors, system)
+        def periodic_step(params, system, neighbors, stress=True, update=True):
+            """Energy, forces and (when asked for: it costs a strain derivative) the stress; the
+            neighbours are updated first unless no atom moved half a skin since they last were."""
+            if update:
+                neighbors = energy.update_neighbors(neighbors, system)
             if stress:
                 e, f, sigma, aux = efs(params, system, neighbors)
             else:
                 (e, f, aux), sigma = ef(params, system, neighbors), None
             return e, f, sigma, aux, neighbors
 
-        self._evaluate_periodic = jax.jit(periodic_step, static_argnames="stress")
+        self._evaluate_periodic = jax.jit(periodic_step, static_argnames=("stress", "update"))
         self._neighbors = None
         self._neighbors_key = None
         self._checked_size = None
         self._stress_asked = False
+        self._updated_at = None
 
     def _model(self, given):
         """``(params, terms, kernel, coulomb_constant)``: from a model file (``neural.save_model``),
@@ -293,15 +296,21 @@ class QEqCalculator(Calculator):
 
         def attempt(multiplier):  # the kept neighbours first; after an overflow a larger list
             nonlocal reuse
-            if not reuse:  # translations and k-vectors padded to buckets, never shrinking: a new cell, same shapes
+            built = not reuse
+            if built:  # translations and k-vectors padded to buckets, never shrinking: a new cell, same shapes
                 previous = self._neighbors if self._neighbors_key == key else None
                 self._neighbors = qeq_unroll.neighbors.stackable(self._energy.neighbors(
                     system, self.qeq_params, skin=self.parameters.skin, layout=self.parameters.neighbor_layout,
                     limits=self.limits, capacity_multiplier=multiplier,
                 ), like=previous, headroom=1.0 if previous is None else CELL_CHANGE_HEADROOM)
                 self._neighbors_key, self._neighbors_cell = key, cell.copy()
+            # a list just built is current, and image lists never change with the positions
+            listed = isinstance(self._neighbors.pairs, qeq_unroll.NeighborList)
+            update = listed and not built and not self._within_half_skin(atoms.positions)
             reuse = False
-            out = self._evaluate_periodic(self.qeq_params, system, self._neighbors, stress=wants_stress)
+            out = self._evaluate_periodic(self.qeq_params, system, self._neighbors, stress=wants_stress, update=update)
+            if built or update:
+                self._updated_at = atoms.positions.copy()
             return out, out[-1].error
 
         try:
@@ -345,6 +354,15 @@ class QEqCalculator(Calculator):
             raise QEqInputError(f"total_charge {p.total_charge} disagrees with the fragment charges (sum {charges.sum():g})")
         out.update(fragments=labels, fragment_charges=charges)
         return out
+
+    def _within_half_skin(self, positions) -> bool:
+        """Whether no atom moved half a skin since the neighbours were last built or updated: the
+        list still holds every pair within the cutoff, and its update (a search over the cells,
+        about a quarter of an evaluation at 4096 atoms) can be skipped."""
+        last = self._updated_at
+        if last is None or last.shape != positions.shape:
+            return False
+        return float(np.max(np.linalg.norm(positions - last, axis=1))) < 0.5 * self.parameters.skin
 
     def _cell_changed(self, cell):
         """Image lists and Ewald plans belong to one cell: rebuild when it changes (neighbour lists

@@ -310,3 +310,25 @@ def test_stress_is_computed_once_asked_for():
     atoms.positions[0, 0] += 0.01
     atoms.get_forces()
     assert "stress" in atoms.calc.results
+
+
+def test_neighbour_update_skipped_only_within_half_a_skin():
+    """A periodic neighbour list (skin 0.3 Å) is not searched again while no atom moved 0.15 Å
+    since the last search, and is when one did: both give a fresh calculator's energy and forces."""
+    from ase.build import bulk
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat(3)
+    atoms.rattle(0.05, seed=4)
+    params = {"name": "shielded", "elements": {"Na": {"chi": 2.84, "hardness": 9.0, "gamma": 0.6},
+                                               "Cl": {"chi": 8.56, "hardness": 12.0, "gamma": 0.65}},
+              "pairs": {"Cl-Na": {"born_mayer": {"A": 1200.0, "rho": 0.32}}}}  # fmt: skip
+    settings = dict(params=params, kernel="reaxff", cutoff=6.0, skin=0.3, neighbor_layout="list",
+                    gradient="unrolled", solver="cg", iterations=8)  # fmt: skip
+    atoms.calc = QEqCalculator(**settings)
+    atoms.get_forces()
+    for atom, step in ((0, 0.1), (5, 0.6), (5, 0.6)):  # within half a skin, then beyond it twice
+        atoms.positions[atom] += [step, 0.5 * step, 0.0]
+        fresh = atoms.copy()
+        fresh.calc = QEqCalculator(**settings)
+        assert atoms.get_potential_energy() == pytest.approx(fresh.get_potential_energy(), abs=1e-10)
+        np.testing.assert_allclose(atoms.get_forces(), fresh.get_forces(), atol=1e-10)
