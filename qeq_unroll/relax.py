@@ -5,7 +5,7 @@ convergence.
 
 Units: energies eV, forces eV/Å, positions Å. FIRE runs with unit masses (a minimiser, not
 dynamics): ``dt_start`` and ``dt_max`` are its step sizes in those units (jax-md's defaults).
-The cell stays fixed (positions only).
+A periodic structure's cell stays fixed unless ``fire(..., cell=True)`` relaxes it too.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from .periodic import deform
 class Relaxed(NamedTuple):
     """One relaxed structure: positions (N, 3) Å of the real atoms, energy eV, forces (N, 3) eV/Å,
     charges (N,) e, the convergence measure ``fmax`` (the largest force norm, eV/Å, and with the
-    cell relaxed the largest component of V σ / N, eV), the relaxed ``cell`` (3, 3) Å or None, the FIRE ``steps`` taken and ``converged``
-    (fmax below the target within the step budget)."""
+    cell relaxed the largest component of V σ / N, eV), the FIRE ``steps`` taken, ``converged``
+    (fmax below the target within the step budget) and the relaxed ``cell`` (3, 3) Å or None."""
 
     positions: np.ndarray
     energy: float
