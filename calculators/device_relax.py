@@ -26,7 +26,10 @@ def _groups(frames, batch_size):
     by_size = defaultdict(list)
     alone = []
     for i, atoms in enumerate(frames):
-        (alone.append([i]) if atoms.pbc.any() else by_size[size_bucket(len(atoms))].append(i))
+        if atoms.pbc.any():
+            alone.append([i])
+        else:
+            by_size[size_bucket(len(atoms))].append(i)
     batches = [ids[k : k + batch_size] for ids in by_size.values() for k in range(0, len(ids), batch_size)]
     return batches + alone
 

@@ -64,10 +64,9 @@ def check_exportable(params: Params, kernel, elements: Sequence[str]) -> None:
     """Raise :class:`QEqInputError` with the reason when LAMMPS cannot reproduce this model."""
     if params.networks:
         raise QEqInputError("a neural model cannot be exported to LAMMPS: LAMMPS has no style for its networks")
-    if isinstance(kernel, ReaxFF):
-        pass
-    elif isinstance(kernel, Point) and kernel.cutoff is not None and not kernel.taper:
-        pass
+    hard_point = isinstance(kernel, Point) and kernel.cutoff is not None and not kernel.taper
+    if isinstance(kernel, ReaxFF) or hard_point:
+        pass  # exportable
     elif isinstance(kernel, Point):
         raise QEqInputError(
             "kernel 'point' exports only with a hard cutoff (LAMMPS fix qeq/point cuts 1/r at its cutoff, no taper): "
