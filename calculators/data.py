@@ -47,7 +47,7 @@ DEFAULT_KEYS = {"energy": "REF_energy", "forces": "REF_forces", "charges": "REF_
 #: the C10H2 chain neutral and protonated at one end).
 SHIPPED = {"train": "xtb-train.xyz", "heldout": "xtb-heldout.xyz",
            "periodic-train": "xtb-periodic-train.xyz", "periodic-heldout": "xtb-periodic-heldout.xyz",
-           "ct-train": "xtb-ct-train.xyz", "ct-heldout": "xtb-ct-heldout.xyz"}
+           "ct-train": "xtb-ct-train.xyz", "ct-heldout": "xtb-ct-heldout.xyz", "ct-shifted": "xtb-ct-shifted.xyz"}
 _PER_ATOM = {"forces": (3,), "charges": ()}
 
 
@@ -58,7 +58,8 @@ def shipped_reference(part: str = "train") -> Path:
     boxes of 24 atoms, with stress), ``"periodic-heldout"`` (NaCl cells of 64 atoms), or the
     charge-transfer set ``"ct-train"``/``"ct-heldout"`` (GFN2-xTB Na_nCl_n and Na_(n+1)Cl_n⁺
     clusters, C10H2 and C10H3⁺ chains; the held-out part is a random quarter of each structure's
-    perturbed copies)."""
+    perturbed copies) and ``"ct-shifted"`` (larger structures of the same families, for
+    extrapolation: Na8Cl8, Na9Cl8⁺, C14H2, C14H3⁺)."""
     if part not in SHIPPED:
         raise QEqInputError(f"unknown shipped reference part '{part}' (valid: {', '.join(SHIPPED)})")
     return Path(str(resources.files("qeq_unroll.data").joinpath("reference", SHIPPED[part])))

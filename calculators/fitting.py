@@ -93,8 +93,11 @@ def add_fit(subparsers) -> None:
     p.add_argument("--max-neighbors", type=int, default=None,
                    help="neural: neighbours within the descriptor cutoff an atom may have (default 1.5 x the most in the data)")
     p.add_argument("--charge-in-short", action="store_true", help="neural: the short-range network also takes the atom's charge")
+    p.add_argument("--learned-family", choices=("cg", "gd", "nag"), default="cg",
+                   help="neural with --solver learned: the iteration whose start, preconditioner and steps are trained with "
+                        "the model (default cg)")
     add_model_options(p, params=None, params_help=f"{DEFAULTS['params']}; neural: the baseline chi, J and widths, "
-                      f"{NEURAL_DEFAULTS['params']}", iterations_default=DEFAULTS["iterations"], solvers=tuple(SOLVERS),
+                      f"{NEURAL_DEFAULTS['params']}", iterations_default=DEFAULTS["iterations"], solvers=(*SOLVERS, "learned"),
                       gradients=("auto", "unrolled", "implicit"), gradient=DEFAULTS["gradient"], tol=1e-10, tol_help="default 1e-10")
     p.add_argument("--coulomb-constant", type=float, default=None, help="k_e in eV*A (default 14.399645)")
     p.add_argument("--validation", default=DEFAULTS["validation"],
@@ -268,13 +271,17 @@ def _neural(args, params, kernel, solver, kwargs, train, echo):
 
     import qeq_unroll as qu
     from qeq_unroll import fit as F
+    from qeq_unroll.learned import TrainedSolver
     from qeq_unroll.neural import fitted_to_data, neural_terms
 
     hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
     n = len(params.elements)
     terms = neural_terms(n, args.descriptor_cutoff, hidden, charge_in_short=args.charge_in_short,
                          max_neighbors=args.max_neighbors or MAX_NEIGHBORS_SEARCHED)  # fmt: skip
-    params = params.replace(networks=terms.init_networks(jax.random.PRNGKey(args.seed), n, params.chi.dtype))
+    networks = terms.init_networks(jax.random.PRNGKey(args.seed), n, params.chi.dtype)
+    if isinstance(solver, TrainedSolver):
+        networks["solver"] = solver.init_arrays(params.chi.dtype)
+    params = params.replace(networks=networks)
     probe = qu.qeq_energy(kernel, solver, args.gradient, terms=terms, **kwargs)
     terms, params = fitted_to_data(probe, params, F.batcher_for(train, probe, params, args.batch_size),
                                    margin=1.0 if args.max_neighbors else 1.5)  # fmt: skip
@@ -295,6 +302,8 @@ def run_fit(args, echo=print) -> int:
     required = [k for k, w in given.items() if w > 0 and k != "stress"]  # stress: bulk cells only
     params, train = _read(args, params, keys, required, echo)
     weights = _weights(args, train, echo)
+    kernel = qu.get_kernel(args.kernel, args.cutoff)
+    solver = _solver(args, kernel, params)  # bad solver options are refused before a split is drawn
     stem = _stem(args.out)
     train, validation, split_note = _split(args, train, stem, params, keys, required, echo)
     config = _config(args, weights)
@@ -303,11 +312,9 @@ def run_fit(args, echo=print) -> int:
         if added:
             echo(f"'{params.name}' has no pair terms between the elements of the data: starting {args.pairs} terms "
                  f"added for {', '.join(added)} (see 'qeq-unroll fit --help', --pairs)")
-    kernel = qu.get_kernel(args.kernel, args.cutoff)
     elements = [params.elements[i] for i in train.species_present()]
     if args.lammps_out:  # refused before the fit, not after it
         _check_exportable(args, params, kernel, elements)
-    solver = qu.get_solver(args.solver, args.iterations, args.tol, args.max_iterations)
     kwargs = {} if args.coulomb_constant is None else {"coulomb_constant": args.coulomb_constant}
     if args.model == "local":
         solver = qu.get_solver("none")
@@ -319,6 +326,9 @@ def run_fit(args, echo=print) -> int:
     log = args.log or f"{stem}.log.jsonl"
     k_text = "to tol" if args.iterations is None else f"K={args.iterations}"
     solver_text = "none (no charges)" if energy.solver.name == "none" else f"{args.solver} {k_text}"
+    if hasattr(energy.solver, "parts"):
+        solver_text += (f" ({args.learned_family}: start, preconditioner and steps" if energy.solver.parts == "all"
+                        else " (step sizes") + " trained with the model)"  # fmt: skip
     n_periodic = sum(c.periodic for c in train.configurations)
     echo(f"qeq-unroll fit: {len(train)} training ({n_periodic} periodic) and {0 if validation is None else len(validation)} "
          f"validation configurations ({split_note}); start '{params.name}', kernel {kernel.name}, solver {solver_text}, "
@@ -342,6 +352,25 @@ def run_fit(args, echo=print) -> int:
     return 0
 
 
+def _solver(args, kernel, params):
+    """The fit's solver. A neural model trains the parts of its solver with its networks: the step
+    sizes (and momenta) of ``gd`` and ``nag`` at a fixed K, and with ``--solver learned`` the start,
+    preconditioner and steps of ``--learned-family`` (``learned.TrainedSolver``)."""
+    import qeq_unroll as qu
+    from qeq_unroll.learned import TrainedSolver
+
+    trained = args.solver == "learned" or (args.model == "neural" and args.solver in ("gd", "nag") and args.iterations)
+    if args.solver == "learned" and args.model != "neural":
+        raise QEqInputError("fit --solver learned trains the solver together with a neural model (--model neural); for a "
+                            "parameter table train a solver file with 'qeq-unroll train-solver'")  # fmt: skip
+    if not trained:
+        return qu.get_solver(args.solver, args.iterations, args.tol, args.max_iterations)
+    if args.iterations is None:
+        raise QEqInputError(f"a solver trained with the model runs a fixed K: give --iterations with --solver {args.solver}")
+    family, parts = (args.learned_family, "all") if args.solver == "learned" else (args.solver, "steps")
+    return TrainedSolver(family, args.iterations, parts, kernel.name, tuple(params.elements))
+
+
 def _save(args, result, energy) -> None:
     """The fitted parameter set, or with ``--model neural`` or ``local`` the model file."""
     import qeq_unroll as qu
@@ -349,7 +378,7 @@ def _save(args, result, energy) -> None:
 
     if args.model != "table":
         save_model(args.out, energy.terms, result.params, energy.kernel, energy.coulomb_constant, args.model == "neural",
-                   result.offsets)
+                   result.offsets, energy.solver)
     else:
         qu.save_params(result.params, args.out)
 

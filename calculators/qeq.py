@@ -44,9 +44,10 @@ from qeq_unroll.periodic import wrap
 from .data import total_charge
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
-#: Once a structure's cell has changed (a cell relaxation, NPT), its translations and k-vectors are
-#: padded to this many times what the cell needs: room for the next cells without new shapes (a
-#: 64-atom NaCl cell relaxing from 3 % strain: 4 recompilations with exact buckets, none with 1.5).
+#: Once a structure's cell has changed or its stress was asked for (a cell relaxation, NPT), its
+#: translations and k-vectors are padded to this many times what the cell needs: room for the next
+#: cells without new shapes (a 64-atom NaCl cell relaxing from 3 % strain: 4 recompilations with
+#: exact buckets, none with 1.5).
 CELL_CHANGE_HEADROOM = 1.5
 #: the solver tolerance (relative residual) when ``tol`` is None
 DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-5}
@@ -56,7 +57,9 @@ class QEqCalculator(Calculator):
     """QEq charges, energy and exact forces for ASE.
 
     params: built-in set name, JSON path, ``qeq_unroll.Params`` or a model file of
-    ``qeq-unroll fit --model neural`` (which fixes kernel, cutoff and Coulomb constant). kernel: "gaussian" | "reaxff" |
+    ``qeq-unroll fit --model neural`` (which fixes kernel, cutoff and Coulomb constant; a model
+    trained with its own solver, ``fit --solver gd|nag|learned``, runs that solver unless
+    ``solver`` or ``iterations`` is given). kernel: "gaussian" | "reaxff" |
     "point". cutoff: Å (None: the kernel's default). solver: "exact" | "cg" | "gd" | "nag" |
     "learned" or a solver object; solver_params: the solver file (or
     ``qeq_unroll.learned.LearnedSolverParams``) of ``solver="learned"``. iterations: fixed K, or
@@ -134,7 +137,9 @@ class QEqCalculator(Calculator):
             if not self.kernel.ewald:
                 raise QEqInputError(f"reciprocal='{p.reciprocal}' is an option of the gaussian kernel, not '{self.kernel.name}'")
             self.kernel = dataclasses.replace(self.kernel, reciprocal=p.reciprocal)
-        if p.solver == "learned":
+        if self._trained_solver is not None and "solver" not in kwargs and "iterations" not in kwargs:
+            self.solver = dataclasses.replace(self._trained_solver, tol=tol)  # the solver the model was trained with
+        elif p.solver == "learned":
             self.solver = solver_from_file(p.solver_params, p.iterations, tol)
             lp = self.solver.start.params
             check_compatible(lp, self.kernel.name, params.elements, source=f"solver file {p.solver_params}")
@@ -173,11 +178,12 @@ class QEqCalculator(Calculator):
         without charges the solver, and gives per-element energy offsets (added to the energy); or from a parameter set with the ``kernel``, ``cutoff``
         and ``coulomb_constant`` keywords."""
         p = self.parameters
-        self._offsets = {}
+        self._offsets, self._trained_solver = {}, None
         if not is_model_file(p.params):
             return qeq_unroll.load_params(p.params), None, qeq_unroll.get_kernel(p.kernel, p.cutoff), p.coulomb_constant
         terms, params, settings = load_model(p.params)
         self._offsets = settings["energy_offsets"]
+        self._trained_solver = (settings["solver"] or {}).get("trained")
         kernel = settings["kernel"]
         fixed = {"kernel": kernel["name"], "cutoff": kernel["cutoff"], "coulomb_constant": settings["coulomb_constant"]}
         if not settings["charges"]:
@@ -289,20 +295,23 @@ class QEqCalculator(Calculator):
             )
         # the stress costs a strain derivative: computed once asked for, and from then on (a cell
         # filter asks for forces and stress of every step: one evaluation gives both)
+        first_stress = not self._stress_asked and "stress" in properties
         self._stress_asked = self._stress_asked or "stress" in properties
         wants_stress = self._stress_asked and not singular
         key = (len(atoms), pbc, tuple(sorted(set(species.tolist()))), round(total, 12))
-        reuse = self._neighbors is not None and self._neighbors_key == key and not self._cell_changed(cell)
+        # the first stress (a cell filter, NPT) re-pads the kept neighbours with room for other cells
+        reuse = (self._neighbors is not None and self._neighbors_key == key and not self._cell_changed(cell)
+                 and not first_stress)  # fmt: skip
 
         def attempt(multiplier):  # the kept neighbours first; after an overflow a larger list
             nonlocal reuse
             built = not reuse
             if built:  # translations and k-vectors padded to buckets, never shrinking: a new cell, same shapes
-                previous = self._neighbors if self._neighbors_key == key else None
+                previous = self._neighbors if self._neighbors_key == key and not first_stress else None
                 self._neighbors = qeq_unroll.neighbors.stackable(self._energy.neighbors(
                     system, self.qeq_params, skin=self.parameters.skin, layout=self.parameters.neighbor_layout,
                     limits=self.limits, capacity_multiplier=multiplier,
-                ), like=previous, headroom=1.0 if previous is None else CELL_CHANGE_HEADROOM)
+                ), like=previous, headroom=CELL_CHANGE_HEADROOM if previous is not None or wants_stress else 1.0)
                 self._neighbors_key, self._neighbors_cell = key, cell.copy()
             # a list just built is current, and image lists never change with the positions
             listed = isinstance(self._neighbors.pairs, qeq_unroll.NeighborList)

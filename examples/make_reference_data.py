@@ -450,6 +450,11 @@ def main(argv=None):
     ap.add_argument("--ct-bends", type=int, default=8, help="compressed/stretched and bent copies per chain")
     ap.add_argument("--ct-md-snapshots", type=int, default=20, help="MD snapshots per charge-transfer structure")
     ap.add_argument("--ct-heldout", type=float, default=0.25, help="fraction of each structure's perturbed copies held out")
+    ap.add_argument("--ct-shifted", action="store_true",
+                    help="with --charge-transfer: write only xtb-ct-shifted.xyz, larger structures of the same families "
+                         "(--ct-shifted-nacl-sizes, a chain of --ct-shifted-carbons)")
+    ap.add_argument("--ct-shifted-nacl-sizes", default="16", help="NaCl cluster sizes (atoms) of the shifted set")
+    ap.add_argument("--ct-shifted-carbons", type=int, default=14, help="carbons of the shifted set's chains")
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
@@ -559,19 +564,24 @@ def charge_transfer(args, rng, labeller):
     figures}})."""
     nacl = dict(timestep_fs=2.0, every=args.md_every)
     chain = dict(timestep_fs=0.5, every=2 * args.md_every, bends=args.ct_bends, rattle=(0.01, args.ct_chain_rattle))
-    sizes = [int(s) for s in args.ct_nacl_sizes.split(",") if s]
+    sizes = [int(s) for s in (args.ct_shifted_nacl_sizes if args.ct_shifted else args.ct_nacl_sizes).split(",") if s]
+    carbons = args.ct_shifted_carbons if args.ct_shifted else 10
     jobs = (
         [(nacl_cluster(n), "nacl", 0, nacl) for n in sizes]
         + [(nacl_plus_cluster(n), "nacl+", 1, nacl) for n in sizes]
-        + [(polyyne(10), "c10h2", 0, chain), (polyyne(10, protonated=True), "c10h3+", 1, chain)]
+        + [(polyyne(carbons), f"c{carbons}h2", 0, chain), (polyyne(carbons, protonated=True), f"c{carbons}h3+", 1, chain)]
     )
-    parts = {"train": [], "heldout": []}
+    parts = {"shifted": []} if args.ct_shifted else {"train": [], "heldout": []}
     for atoms, system, charge, md in jobs:
         t = time.time()
         new = ct_configurations(atoms, system, charge, args, rng, labeller, **md)
-        train, heldout = split_heldout(new, args.ct_heldout, rng)
-        parts["train"] += train
-        parts["heldout"] += heldout
+        if args.ct_shifted:  # every configuration is a test of extrapolation
+            heldout = []
+            parts["shifted"] += new
+        else:
+            train, heldout = split_heldout(new, args.ct_heldout, rng)
+            parts["train"] += train
+            parts["heldout"] += heldout
         print(f"{system} {len(atoms)} atoms: {len(new):3d} configurations, {len(heldout)} held out "
               f"({time.time() - t:.0f} s)", flush=True)
     files = {}
@@ -579,7 +589,7 @@ def charge_transfer(args, rng, labeller):
         path = args.out / f"xtb-ct-{part}.xyz"
         write_atomic(path, configs)
         files[part] = (path, len(configs))
-    return files, {"ct_checks": ct_checks(parts["train"] + parts["heldout"])}
+    return files, {"ct_checks": ct_checks([c for configs in parts.values() for c in configs])}
 
 
 def ct_checks(configs) -> dict:

@@ -170,7 +170,9 @@ class QEqModel:
         problem, pairs, e_const = assemble(self.kernel, params, system, self.coulomb_constant, neighbors, self.terms)
         if guess is not None:
             problem = problem._replace(guess=guess)
-        q, diagnostics = self.gradient.charges(self.solver, problem)
+        # a solver trained with the model (``learned.TrainedSolver``) reads its arrays from params
+        solver = self.solver.bind(params) if hasattr(self.solver, "bind") else self.solver
+        q, diagnostics = self.gradient.charges(solver, problem)
         e_qeq = jnp.vdot(problem.chi, q) + problem.hardness.quadratic(q) + e_const
         e_short = self.terms.short_range(params, system, pairs, q)
         aux = dict(

@@ -323,6 +323,83 @@ def learned_solver(lp: LearnedSolverParams, tol=0.0):
     return NAG(steps=jax.nn.sigmoid(lp.steps), momenta=jax.nn.sigmoid(lp.momenta), **common)
 
 
+#: The learned arrays of each kind of :class:`TrainedSolver`.
+TRAINED_PARTS = {"steps": ("steps", "momenta"), "all": _ARRAYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedSolver:
+    """K iterations of a solver whose learned arrays are parameters of the model, trained with it
+    (``qeq-unroll fit --model neural``): they live in ``params.networks["solver"]`` as the raw
+    arrays of :class:`LearnedSolverParams`, and :meth:`bind` builds the solver of their current
+    values inside the energy function, so gradients reach them.
+
+    parts "steps": GD or NAG with the default start and preconditioner and learned per-iteration
+    step sizes in (0, 1.9)/L̂ (GD) or (0, 1)/L̂ and momenta in (0, 1) (NAG); "all": the learned
+    solver of this module (start, preconditioner and steps; free space only). Static and hashable:
+    family, iterations, parts, kernel, elements, cutoff (Å, the learned pair expansions'), n_basis, tol."""
+
+    family: str
+    iterations: int
+    parts: str = "steps"
+    kernel: str = "gaussian"
+    elements: tuple = ()
+    cutoff: float = 4.0
+    n_basis: int = 4
+    tol: float = 0.0
+
+    def __post_init__(self):
+        if self.parts not in TRAINED_PARTS:
+            raise QEqInputError(f"unknown trained-solver parts '{self.parts}' (valid: {', '.join(TRAINED_PARTS)})")
+        if self.parts == "steps" and self.family not in ("gd", "nag"):
+            raise QEqInputError(f"solver '{self.family}' has no step sizes to learn: train its steps with gd or nag, or all "
+                                "its parts with --solver learned")  # fmt: skip
+        init_learned(self.family, self.iterations, self.kernel, self.elements)  # checks family and K
+
+    @property
+    def name(self) -> str:
+        return "learned" if self.parts == "all" else self.family
+
+    @property
+    def needs_distances(self) -> bool:
+        return self.parts == "all"
+
+    def init_arrays(self, dtype=None) -> dict:
+        """The untrained raw arrays (the default steps and momenta; Jacobi start and preconditioner)."""
+        lp = init_learned(self.family, self.iterations, self.kernel, self.elements, self.cutoff, self.n_basis, dtype)
+        return {k: getattr(lp, k) for k in TRAINED_PARTS[self.parts]}
+
+    def learned_params(self, arrays) -> LearnedSolverParams:
+        """The :class:`LearnedSolverParams` of raw ``arrays`` (parts "all")."""
+        static = dict(family=self.family, iterations=self.iterations, kernel=self.kernel, elements=tuple(self.elements),
+                      cutoff=self.cutoff)  # fmt: skip
+        return LearnedSolverParams(**{k: arrays[k] for k in _ARRAYS}, **static)
+
+    def bind(self, params):
+        """The solver of the arrays in ``params.networks["solver"]`` (traced: gradients reach them)."""
+        arrays = params.networks.get("solver") if params.networks else None
+        if arrays is None:
+            raise QEqInputError("this trained solver reads its arrays from params.networks['solver'], which is missing")
+        if self.parts == "all":
+            return learned_solver(self.learned_params(arrays), tol=self.tol)
+        if self.family == "gd":
+            return GD(iterations=self.iterations, tol=self.tol, steps=1.9 * jax.nn.sigmoid(arrays["steps"]))
+        return NAG(iterations=self.iterations, tol=self.tol, steps=jax.nn.sigmoid(arrays["steps"]),
+                   momenta=jax.nn.sigmoid(arrays["momenta"]))  # fmt: skip
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["elements"] = list(self.elements)
+        return out
+
+    @classmethod
+    def from_dict(cls, data, tol=0.0) -> "TrainedSolver":
+        data = dict(data)
+        data["elements"] = tuple(data.get("elements", ()))
+        data["tol"] = tol
+        return cls(**data)
+
+
 def solver_from_file(solver_params, iterations=None, tol=0.0):
     """The solver of a solver file (path) or ``LearnedSolverParams``; it runs the K it was
     trained for (``iterations`` must be None or equal to it)."""

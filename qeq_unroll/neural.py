@@ -37,13 +37,16 @@ import numpy as np
 from .descriptors import SymmetryFunctions, default_symmetry_functions
 from .energy import layout_pairs
 from .errors import QEqInputError
+from .learned import TrainedSolver
 from .pairs import pair_energy
 from .params import Params, check_format, write_atomic
 from .terms import AtomTerms
 
-#: The model file's format name and version (``load_model`` refuses other versions).
+#: The model file's format name and version (``load_model`` reads this one and the earlier ones
+#: in ``MODEL_VERSIONS``; version 2 added the solver trained with the model).
 MODEL_FORMAT = "qeq-unroll model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2
+MODEL_VERSIONS = (1, 2)
 
 
 def mlp(layers, x, species):
@@ -207,12 +210,13 @@ def _lists(tree):
 
 
 def save_model(path: "str | os.PathLike", terms: NeuralTerms, params: Params, kernel, coulomb_constant: float,
-               charges: bool = True, offsets: Mapping[str, float] | None = None) -> None:  # fmt: skip
+               charges: bool = True, offsets: Mapping[str, float] | None = None, solver=None) -> None:  # fmt: skip
     """Write a model file (JSON, atomically): format and version, kernel, Coulomb constant,
     whether the model has charges (False: a purely local model, solver ``none``), the energy
     offset of each element (eV; added to the model's energy, so the reported energy is on the
-    reference's scale), descriptor settings and network shapes (``terms``), the element table
-    and the weights."""
+    reference's scale), descriptor settings and network shapes (``terms``), the element table,
+    the weights, and the solver the model was trained with: its name and K, and for a
+    ``learned.TrainedSolver`` its settings (its arrays are ``networks["solver"]``)."""
     data = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
@@ -223,6 +227,7 @@ def save_model(path: "str | os.PathLike", terms: NeuralTerms, params: Params, ke
         "terms": terms.to_dict(),
         "params": params.to_dict(),
         "networks": _lists(dict(params.networks)),
+        "solver": _solver_record(solver),
     }
     write_atomic(path, json.dumps(data) + "\n")
 
@@ -237,8 +242,19 @@ def is_model_file(source) -> bool:
         return False
 
 
-def _networks(data, terms: NeuralTerms, n_elements: int, path) -> dict:
+def _solver_record(solver) -> dict | None:
+    """What a model file says of the solver it was trained with (None: not recorded)."""
+    if solver is None:
+        return None
+    if isinstance(solver, TrainedSolver):
+        return {"name": solver.name, "iterations": solver.iterations, "trained": solver.to_dict()}
+    return {"name": solver.name, "iterations": getattr(solver, "iterations", None)}
+
+
+def _networks(data, terms: NeuralTerms, n_elements: int, path, trained=None) -> dict:
     like = terms.init_networks(jax.random.PRNGKey(0), n_elements)
+    if trained is not None:
+        like["solver"] = trained.init_arrays()
     treedef = jax.tree_util.tree_structure(like)
     try:
         leaves = [np.asarray(a, dtype=float) for a in treedef.flatten_up_to(data)]
@@ -251,17 +267,23 @@ def _networks(data, terms: NeuralTerms, n_elements: int, path) -> dict:
 
 def load_model(path: "str | os.PathLike"):
     """``(terms, params, settings)`` from a model file; settings: ``{"kernel": {"name", "cutoff"},
-    "coulomb_constant", "charges", "energy_offsets": {element: eV}}``. Another format version is an
-    error naming both versions."""
+    "coulomb_constant", "charges", "energy_offsets": {element: eV}, "solver"}``, the solver the
+    model was trained with (None when the file does not say; else ``{"name", "iterations"}`` and,
+    for a solver trained with the model, ``"trained"``: a ``learned.TrainedSolver``). Another
+    format version is an error naming the versions read."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise QEqInputError(f"cannot read model file {path}: {exc}") from exc
-    check_format(data, path, MODEL_FORMAT, MODEL_VERSION, "model file")
+    check_format(data, path, MODEL_FORMAT, MODEL_VERSIONS, "model file")
     params = Params.from_dict(data["params"])
     n = len(params.elements)
     terms = NeuralTerms.from_dict(data["terms"], n)
-    params = params.replace(networks=_networks(data["networks"], terms, n, path))
+    solver = data.get("solver")
+    if solver is not None and "trained" in solver:
+        solver = dict(solver, trained=TrainedSolver.from_dict(solver["trained"]))
+    trained = None if solver is None else solver.get("trained")
+    params = params.replace(networks=_networks(data["networks"], terms, n, path, trained))
     settings = {"kernel": dict(data["kernel"]), "coulomb_constant": float(data["coulomb_constant"]),
-                "charges": bool(data["charges"]), "energy_offsets": dict(data["energy_offsets"])}  # fmt: skip
+                "charges": bool(data["charges"]), "energy_offsets": dict(data["energy_offsets"]), "solver": solver}  # fmt: skip
     return terms, params, settings

@@ -27,8 +27,9 @@ from .params import PAIR_FORMS, Params, pair_key
 
 #: Groups of parameters that can be trained.
 GROUPS = ("chi", "hardness", "sigma", "gamma", "pairs", "networks")
-#: The trained networks of a neural model (``params.networks``).
-NETWORKS = ("chi", "short")
+#: The trained networks of a neural model (``params.networks``), and the arrays of a solver trained
+#: with it (``learned.TrainedSolver``) where it has one.
+NETWORKS = ("chi", "short", "solver")
 #: Element keys trained as logarithms (positive by construction).
 LOG_ELEMENT_KEYS = ("hardness", "sigma", "gamma")
 #: Pair coefficients trained as logarithms (positive by construction); A only when it starts > 0.
@@ -91,7 +92,7 @@ class Parametrisation:
                 out[name] = v
             raw["pairs"] = out
         if "networks" in self.groups:
-            raw["networks"] = {k: params.networks[k] for k in NETWORKS}
+            raw["networks"] = {k: params.networks[k] for k in NETWORKS if k in params.networks}
         return raw
 
     def params(self, raw: Mapping, anchor: Mapping) -> Params:

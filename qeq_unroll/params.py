@@ -326,14 +326,17 @@ def write_atomic(path: "str | os.PathLike", text: str) -> None:
         raise
 
 
-def check_format(data: Mapping, path, fmt: str, version: int, what: str, advice: str = "") -> None:
+def check_format(data: Mapping, path, fmt: str, version, what: str, advice: str = "") -> None:
     """Refuse a JSON file ``path`` whose ``format`` is not ``fmt`` or whose ``version`` is not
-    ``version``; ``what`` names the kind of file, ``advice`` ends the version message."""
+    ``version`` (an int, or a tuple of the versions read); ``what`` names the kind of file,
+    ``advice`` ends the version message."""
     if data.get("format") != fmt:
         raise QEqInputError(f"{path} is not a qeq-unroll {what} (no \"format\": \"{fmt}\")")
-    if data.get("version") != version:
+    versions = version if isinstance(version, tuple) else (version,)
+    if data.get("version") not in versions:
         raise QEqInputError(
-            f"{what} {path} has format version {data.get('version')}, this qeq-unroll reads version {version}{advice}"
+            f"{what} {path} has format version {data.get('version')}, this qeq-unroll reads version "
+            f"{' or '.join(map(str, versions))}{advice}"
         )
 
 
