@@ -144,7 +144,9 @@ def plan(cell, pbc, accuracy=DEFAULT_ACCURACY, real_cutoff=None, sigma_max=None,
             f"Ewald accuracy {accuracy:g} cannot be reached: this cell needs {len(grid)} reciprocal vectors "
             f"(limit {max_kvectors}); use a looser accuracy or a longer real-space cutoff"
         )
-    return Reciprocal(jnp.asarray(grid.astype(np.float64)), float(alpha), float(real_cutoff), float(accuracy))
+    # device_put, not jnp.asarray: the latter compiles a staging program for every new length (a
+    # cell relaxation makes one per step)
+    return Reciprocal(jax.device_put(grid.astype(np.float64)), float(alpha), float(real_cutoff), float(accuracy))
 
 
 def kvectors(cell, miller):
