@@ -2,7 +2,7 @@
 model learns, after Chen, Zhang, Reisinger and Song, "Understanding Deep Architectures with
 Reasoning Layer", NeurIPS 2020 (arXiv:2006.13401).
 
-    python benchmarks/bench_reasoning.py --quick     # < 15 min on 2 CPU cores: K ∈ {1, 4, 16}, one width
+    python benchmarks/bench_reasoning.py --quick     # < 15 min on 2 CPU cores: K ∈ {1, 4}, one width
     python benchmarks/bench_reasoning.py             # K ∈ {1, 2, 4, 8, 16, 32}, widths 8 and 32, seeds 0-2
     python benchmarks/bench_reasoning.py --seeds 0 --no-write   # one seed, print only
 
@@ -291,7 +291,7 @@ def pool(workers: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="K 1,4,16, width 16, seed 0, 30 epochs (< 15 min)")
+    ap.add_argument("--quick", action="store_true", help="K 1,4, width 8, seed 0, 20 epochs (< 15 min)")
     ap.add_argument("--k", default="1,2,4,8,16,32", help="iteration counts")
     ap.add_argument("--widths", default="8,32", help="hidden widths (two layers each)")
     ap.add_argument("--seeds", default="0,1,2")
@@ -303,7 +303,7 @@ def main(argv=None):
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.k, args.widths, args.seeds, args.epochs, args.probe, args.nve_steps = "1,4,16", "16", "0", 30, 10, 200
+        args.k, args.widths, args.seeds, args.epochs, args.probe, args.nve_steps = "1,4", "8", "0", 20, 5, 100
     args.k, args.widths, args.seeds = ([int(v) for v in text.split(",")] for text in (args.k, args.widths, args.seeds))
     started = time.time()
     results = {}

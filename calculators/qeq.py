@@ -49,6 +49,11 @@ DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 #: cells without new shapes (a 64-atom NaCl cell relaxing from 3 % strain: 4 recompilations with
 #: exact buckets, none with 1.5).
 CELL_CHANGE_HEADROOM = 1.5
+#: Once the stress is asked for, image lists and Ewald plans are built to serve every cell within
+#: this strain (‖ε‖₂) of the one they were built for (``neighbors.build(strain=...)``): a cell
+#: relaxation or NPT run rebuilds them on the host when the cell leaves that range, not at every
+#: step. It costs about (1.03)³ − 1 ≈ 9 % more k-vectors.
+CELL_STRAIN_SKIN = 0.03
 #: the solver tolerance (relative residual) when ``tol`` is None
 DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-5}
 
@@ -168,6 +173,7 @@ class QEqCalculator(Calculator):
         self._evaluate_periodic = jax.jit(periodic_step, static_argnames=("stress", "update"))
         self._neighbors = None
         self._neighbors_key = None
+        self._neighbors_cell, self._neighbors_strain = None, 0.0
         self._checked_size = None
         self._stress_asked = False
         self._updated_at = None
@@ -300,19 +306,20 @@ class QEqCalculator(Calculator):
         wants_stress = self._stress_asked and not singular
         key = (len(atoms), pbc, tuple(sorted(set(species.tolist()))), round(total, 12))
         # the first stress (a cell filter, NPT) re-pads the kept neighbours with room for other cells
-        reuse = (self._neighbors is not None and self._neighbors_key == key and not self._cell_changed(cell)
-                 and not first_stress)  # fmt: skip
+        reuse = (self._neighbors is not None and self._neighbors_key == key and not first_stress
+                 and qeq_unroll.neighbors.serves(self._neighbors, self._neighbors_cell, self._neighbors_strain, cell))  # fmt: skip
 
         def attempt(multiplier):  # the kept neighbours first; after an overflow a larger list
             nonlocal reuse
             built = not reuse
             if built:  # translations and k-vectors padded to buckets, never shrinking: a new cell, same shapes
                 previous = self._neighbors if self._neighbors_key == key and not first_stress else None
+                strain = CELL_STRAIN_SKIN if wants_stress else 0.0
                 self._neighbors = qeq_unroll.neighbors.stackable(self._energy.neighbors(
                     system, self.qeq_params, skin=self.parameters.skin, layout=self.parameters.neighbor_layout,
-                    limits=self.limits, capacity_multiplier=multiplier,
+                    limits=self.limits, capacity_multiplier=multiplier, strain=strain,
                 ), like=previous, headroom=CELL_CHANGE_HEADROOM if previous is not None or wants_stress else 1.0)
-                self._neighbors_key, self._neighbors_cell = key, cell.copy()
+                self._neighbors_key, self._neighbors_cell, self._neighbors_strain = key, cell.copy(), strain
             # a list just built is current, and image lists never change with the positions
             listed = isinstance(self._neighbors.pairs, qeq_unroll.NeighborList)
             update = listed and not built and not self._within_half_skin(atoms.positions)
@@ -372,11 +379,6 @@ class QEqCalculator(Calculator):
         if last is None or last.shape != positions.shape:
             return False
         return float(np.max(np.linalg.norm(positions - last, axis=1))) < 0.5 * self.parameters.skin
-
-    def _cell_changed(self, cell):
-        """Image lists and Ewald plans belong to one cell: rebuild when it changes (neighbour lists
-        flag it themselves, but a rebuild costs little next to a cell change)."""
-        return not np.array_equal(cell, getattr(self, "_neighbors_cell", None))
 
     def _check(self, atoms, system, aux, neighbors=None):
         """Turn the evaluation's diagnostics into clear errors and warnings: atoms too close,

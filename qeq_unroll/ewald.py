@@ -119,11 +119,14 @@ def splitting(pbc, accuracy=DEFAULT_ACCURACY, real_cutoff=None, sigma_max=None):
     return root / real_cutoff, float(real_cutoff)
 
 
-def plan(cell, pbc, accuracy=DEFAULT_ACCURACY, real_cutoff=None, sigma_max=None, max_kvectors=MAX_KVECTORS):
+def plan(cell, pbc, accuracy=DEFAULT_ACCURACY, real_cutoff=None, sigma_max=None, max_kvectors=MAX_KVECTORS, strain=0.0):
     """The :class:`Reciprocal` plan for ``cell`` (host). ``real_cutoff`` None: the default for
-    ``sigma_max`` (Å). Raises ``QEqInputError`` when the accuracy is out of reach."""
+    ``sigma_max`` (Å). ``strain``: the plan also serves every cell ``cell (1 + ε)`` with
+    ‖ε‖₂ ≤ ``strain`` (its Miller indices cover the k-cutoff sphere of each: |k| changes by at most
+    a factor 1 + ‖ε‖₂), so a relaxing cell keeps it. Raises ``QEqInputError`` when the accuracy is
+    out of reach."""
     alpha, real_cutoff = splitting(pbc, accuracy, real_cutoff, sigma_max)
-    kcut = 2.0 * alpha * log_accuracy(accuracy)
+    kcut = 2.0 * alpha * log_accuracy(accuracy) * (1.0 + strain)
     cell = np.asarray(cell, dtype=np.float64)
     recip = np.linalg.inv(cell).T  # rows b_k with a_i·b_j = δ_ij
     mmax = [int(math.floor(kcut * (1 + 1e-3) * np.linalg.norm(cell[k]) / (2 * math.pi))) for k in range(3)]

@@ -313,14 +313,21 @@ def _apply_m(fine, coarse, sigma, r):
     return v + coarse.p @ (sigma * y - coarse.solve(coarse.hp.T @ v))
 
 
+def stepped_solver(family, raw_steps, raw_momenta, **common):
+    """GD or NAG with learned per-iteration step sizes and momenta mapped from unbounded raw values
+    (shape (K,)) into their stable ranges: GD steps in (0, 1.9)/L̂, NAG steps in (0, 1)/L̂ and
+    momenta in (0, 1). ``common`` passes iterations, tol, start and preconditioner through."""
+    if family == "gd":
+        return GD(steps=1.9 * jax.nn.sigmoid(raw_steps), **common)
+    return NAG(steps=jax.nn.sigmoid(raw_steps), momenta=jax.nn.sigmoid(raw_momenta), **common)
+
+
 def learned_solver(lp: LearnedSolverParams, tol=0.0):
     """The solver object that runs ``lp``: K iterations of its family with the learned parts."""
     common = dict(iterations=lp.iterations, tol=tol, start=LearnedStart(lp), preconditioner=LearnedPreconditioner(lp))
     if lp.family == "cg":
         return CG(**common)
-    if lp.family == "gd":
-        return GD(steps=1.9 * jax.nn.sigmoid(lp.steps), **common)
-    return NAG(steps=jax.nn.sigmoid(lp.steps), momenta=jax.nn.sigmoid(lp.momenta), **common)
+    return stepped_solver(lp.family, lp.steps, lp.momenta, **common)
 
 
 #: The learned arrays of each kind of :class:`TrainedSolver`.
@@ -382,10 +389,7 @@ class TrainedSolver:
             raise QEqInputError("this trained solver reads its arrays from params.networks['solver'], which is missing")
         if self.parts == "all":
             return learned_solver(self.learned_params(arrays), tol=self.tol)
-        if self.family == "gd":
-            return GD(iterations=self.iterations, tol=self.tol, steps=1.9 * jax.nn.sigmoid(arrays["steps"]))
-        return NAG(iterations=self.iterations, tol=self.tol, steps=jax.nn.sigmoid(arrays["steps"]),
-                   momenta=jax.nn.sigmoid(arrays["momenta"]))  # fmt: skip
+        return stepped_solver(self.family, arrays["steps"], arrays["momenta"], iterations=self.iterations, tol=self.tol)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -446,12 +446,25 @@ def stackable(nbrs: Neighbors, like: Neighbors | None = None, headroom: float = 
     return Neighbors(pairs=pairs, reciprocal=reciprocal)
 
 
+def serves(nbrs: Neighbors, built_for, strain: float, cell) -> bool:
+    """Whether ``nbrs``, built for the cell ``built_for`` (3, 3) Å with ``strain`` (:func:`build`),
+    hold every pair and k-vector of ``cell`` = ``built_for`` (1 + ε) (host): image lists and
+    Ewald plans for ‖ε‖₂ ≤ ``strain``, neighbour lists and PME meshes for their own cell only."""
+    if np.array_equal(cell, built_for):
+        return True
+    strainable = isinstance(nbrs.pairs, ImageList) and (nbrs.reciprocal is None or isinstance(nbrs.reciprocal, ewald.Reciprocal))
+    if strain <= 0.0 or not strainable:
+        return False
+    eps = np.linalg.solve(np.asarray(built_for, np.float64), np.asarray(cell, np.float64)) - np.eye(3)
+    return float(np.linalg.norm(eps, 2)) <= strain
+
+
 #: Largest S N² for which ``layout="auto"`` picks the dense all-images layout.
 DENSE_IMAGES_BUDGET = 2_000_000
 
 
 def build(kernel, system, params=None, layout="auto", skin=DEFAULT_SKIN, capacity_multiplier=1.25, max_kvectors=None,
-          limits=None):  # fmt: skip
+          limits=None, strain=0.0):  # fmt: skip
     """The :class:`Neighbors` of ``system`` for ``kernel`` (host).
 
     layout: "auto" (free space: all pairs; periodic: dense all-images for small S N², else a
@@ -462,8 +475,13 @@ def build(kernel, system, params=None, layout="auto", skin=DEFAULT_SKIN, capacit
     ``limits.min_distance`` or would take more than ``limits.max_memory`` is refused
     (``checks``). Errors name the problem: a periodic cell with a kernel that has no cutoff and
     no Ewald sum, a charged periodic cell with a kernel that has no background term, an
-    unreachable Ewald accuracy."""
+    unreachable Ewald accuracy. ``strain``: image lists and Ewald plans that also serve the cells
+    ``cell (1 + ε)`` with ‖ε‖₂ ≤ ``strain`` (see :func:`serves`): translations for pairs within
+    cutoff / (1 − strain) and k-vectors within k_cut (1 + strain); neighbour lists and PME meshes
+    belong to their cell whatever ``strain`` is."""
     limits = checks.Limits() if limits is None else limits
+    if not (math.isfinite(strain) and 0.0 <= strain < 0.5):
+        raise QEqInputError(f"strain must be in [0, 0.5), got {strain}")
     if layout not in ("auto", "images", "list", "dense"):
         raise QEqInputError(f"unknown neighbour layout '{layout}' (valid: auto, images, list, dense)")
     n = int(np.sum(np.asarray(system.mask)))
@@ -479,7 +497,7 @@ def build(kernel, system, params=None, layout="auto", skin=DEFAULT_SKIN, capacit
         if params is not None:
             species = np.unique(np.asarray(system.species)[np.asarray(system.mask)])
             sigma_max = float(np.max(np.asarray(params.sigma)[species]))
-        reciprocal = pme.plan_for(kernel, cell, system.pbc, sigma_max, n, max_kvectors)
+        reciprocal = pme.plan_for(kernel, cell, system.pbc, sigma_max, n, max_kvectors, strain)
         reach = reciprocal.real_cutoff
     else:
         _check_periodic_cutoff_kernel(kernel, system)
@@ -490,7 +508,7 @@ def build(kernel, system, params=None, layout="auto", skin=DEFAULT_SKIN, capacit
     parts = checks.estimate_memory(n, cell, system.pbc, reach + (skin if layout == "list" else 0.0), layout, reciprocal)
     checks.check_memory(parts, limits, cell, system.pbc, reach, n)
     if layout == "images":
-        pairs = image_list(system, reach)
+        pairs = image_list(system, reach / (1.0 - strain))
     else:
         pairs = neighbor_list(system, reach, skin, capacity_multiplier)
     return Neighbors(pairs=pairs, reciprocal=reciprocal)

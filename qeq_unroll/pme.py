@@ -185,11 +185,13 @@ def plan(cell, pbc, accuracy=ewald.DEFAULT_ACCURACY, real_cutoff=None, sigma_max
     return Mesh(shape, int(order), float(alpha), float(real_cutoff), float(accuracy), coarse_shape)
 
 
-def plan_for(kernel, cell, pbc, sigma_max=None, n_atoms=1, max_kvectors=None):
+def plan_for(kernel, cell, pbc, sigma_max=None, n_atoms=1, max_kvectors=None, strain=0.0):
     """The reciprocal-space plan of an Ewald ``kernel`` (host): an ``ewald.Reciprocal`` or a
-    :class:`Mesh`, after the kernel's ``reciprocal`` option ("ewald" | "pme" | "auto")."""
+    :class:`Mesh`, after the kernel's ``reciprocal`` option ("ewald" | "pme" | "auto").
+    ``strain``: an Ewald plan also serves cells strained by up to this much (``ewald.plan``); a
+    mesh belongs to its cell."""
     method = getattr(kernel, "reciprocal", "ewald")
-    kw = {} if max_kvectors is None else {"max_kvectors": max_kvectors}
+    kw = {"strain": strain} | ({} if max_kvectors is None else {"max_kvectors": max_kvectors})
     mesh_kw = dict(order=kernel.mesh_order, spacing=kernel.mesh_spacing)
     if method == "ewald":
         return ewald.plan(cell, pbc, kernel.accuracy, kernel.cutoff, sigma_max, **kw)

@@ -18,9 +18,9 @@ from qeq_unroll import QEqInputError, ewald, periodic
 from qeq_unroll.energy import qeq_problem
 
 try:
-    from test_periodic import MODES, PARAMS, check_fd, reference_charges, rock_salt, system_of
+    from test_periodic import MODES, PARAMS, check_fd, reference_charges, rock_salt, system_of, triclinic
 except ImportError:  # tests/ imported as a package
-    from tests.test_periodic import MODES, PARAMS, check_fd, reference_charges, rock_salt, system_of
+    from tests.test_periodic import MODES, PARAMS, check_fd, reference_charges, rock_salt, system_of, triclinic
 
 jax.config.update("jax_enable_x64", True)
 
@@ -182,3 +182,24 @@ def test_ewald_bad_input():
     slab = system_of(pos, kinds, cell, pbc=(True, True, False))
     with pytest.raises(QEqInputError, match=r"Ewald, which needs all three directions periodic"):
         qu.qeq_energy("gaussian").neighbors(slab, PARAMS)
+
+
+def test_strained_plan_holds_what_every_cell_within_its_strain_needs():
+    """Built with ``strain`` s, the Ewald plan and the image list of a cell hold every Miller index
+    and lattice translation that the exact plan of any cell ``cell (1 + ε)`` with ‖ε‖₂ ≤ s needs
+    (compressions and shears included), so a relaxing cell can keep them."""
+    pos, kinds, cell = triclinic(n=2)
+    s, pbc, rc = 0.05, (True,) * 3, 10.5  # rc just below the cell heights (10.7-11.3 Å)
+    system = system_of(pos, kinds, cell)
+    wide = ewald.plan(cell, pbc, accuracy=1e-8, real_cutoff=rc, strain=s)
+    images = qu.neighbors.build(qu.ReaxFF(cutoff=rc), system, layout="images", strain=s).pairs.shifts
+    held = {tuple(m) for m in np.asarray(wide.miller, int)}
+    held_images = {tuple(t) for t in np.asarray(images, int)}
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        eps = rng.normal(size=(3, 3))
+        strained = cell @ (np.eye(3) + eps * s / np.linalg.norm(eps, 2))
+        needed = ewald.plan(strained, pbc, accuracy=1e-8, real_cutoff=rc)
+        assert {tuple(m) for m in np.asarray(needed.miller, int)} <= held
+        assert {tuple(t) for t in periodic.image_shifts(strained, pbc, rc).astype(int)} <= held_images
+    assert len(held) > len(ewald.plan(cell, pbc, accuracy=1e-8, real_cutoff=rc).miller)

@@ -364,3 +364,43 @@ def test_cell_relaxation_example_converges(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main([str(tmp_path / "relax.traj"), "--reps", "1", "--fmax", "0.02"])
+
+
+def test_calculator_keeps_images_and_kvectors_within_the_strain_skin(monkeypatch, caplog):
+    """Once the stress is asked for, cells within ``CELL_STRAIN_SKIN`` of the one the image list
+    and Ewald plan were built for reuse them (no host rebuild); a larger change rebuilds them into
+    the shapes padded at the first stress, so the step does not compile again. Energy, forces and
+    stress equal a fresh calculator's at each cell, and the stress of a reused plan is the strain
+    derivative of the reported energy."""
+    from ase.calculators.fd import calculate_numerical_stress
+
+    from calculators import QEqCalculator
+    from calculators.qeq import CELL_STRAIN_SKIN
+
+    builds = []
+    build = qu.energy.build
+    monkeypatch.setattr(qu.energy, "build", lambda *a, **k: builds.append(k.get("strain")) or build(*a, **k))
+    pos, kinds, cell = rock_salt(1, rattle=0.1, seed=4)
+    atoms = ase_atoms(pos, kinds, cell)
+    atoms.calc = QEqCalculator(params=PARAMS, gradient="implicit")
+    atoms.get_stress()
+    assert builds == [CELL_STRAIN_SKIN]
+    scales, results, rebuilt = (1.0 + 0.9 * CELL_STRAIN_SKIN, 0.99, 1.12), [], []
+    with caplog.at_level("WARNING"), jax.log_compiles():
+        for scale in scales:
+            before = len(builds)
+            atoms.set_cell(cell * scale, scale_atoms=True)
+            results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+            rebuilt.append(len(builds) > before)
+    assert rebuilt == [False, False, True]
+    assert not [r for r in caplog.records if "Finished XLA compilation of jit(periodic_step)" in r.getMessage()]
+    for scale, (e, f, stress) in zip(scales, results):
+        fresh = atoms.copy()
+        fresh.set_cell(cell * scale, scale_atoms=True)
+        fresh.calc = QEqCalculator(params=PARAMS, gradient="implicit")
+        assert abs(e - fresh.get_potential_energy()) < 1e-7
+        np.testing.assert_allclose(f, fresh.get_forces(), atol=1e-7)
+        np.testing.assert_allclose(stress, fresh.get_stress(), atol=1e-8)
+    before = len(builds)
+    np.testing.assert_allclose(calculate_numerical_stress(atoms, eps=1e-5), atoms.get_stress(), atol=1e-8)
+    assert len(builds) == before
