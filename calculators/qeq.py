@@ -44,16 +44,14 @@ from qeq_unroll.periodic import wrap
 from .data import total_charge
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
-#: Once a structure's cell has changed or its stress was asked for (a cell relaxation, NPT), its
-#: translations and k-vectors are padded to this many times what the cell needs: room for the next
-#: cells without new shapes (a 64-atom NaCl cell relaxing from 3 % strain: 4 recompilations with
-#: exact buckets, none with 1.5).
-CELL_CHANGE_HEADROOM = 1.5
 #: Once the stress is asked for, image lists and Ewald plans are built to serve every cell within
 #: this strain (‖ε‖₂) of the one they were built for (``neighbors.build(strain=...)``): a cell
-#: relaxation or NPT run rebuilds them on the host when the cell leaves that range, not at every
-#: step. It costs about (1.03)³ − 1 ≈ 9 % more k-vectors.
+#: relaxation or NPT run rebuilds them on the host only when the cell leaves that range. It costs
+#: about (1.03)³ − 1 ≈ 9 % more k-vectors.
 CELL_STRAIN_SKIN = 0.03
+#: Once a structure's cell has left the strain skin (a relaxation going far), its k-vectors are
+#: padded to this many times what the new cell needs: room for the next cells without new shapes.
+CELL_CHANGE_HEADROOM = 1.5
 #: the solver tolerance (relative residual) when ``tol`` is None
 DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-5}
 
@@ -305,7 +303,7 @@ class QEqCalculator(Calculator):
         self._stress_asked = self._stress_asked or "stress" in properties
         wants_stress = self._stress_asked and not singular
         key = (len(atoms), pbc, tuple(sorted(set(species.tolist()))), round(total, 12))
-        # the first stress (a cell filter, NPT) re-pads the kept neighbours with room for other cells
+        # the first stress (a cell filter, NPT) rebuilds the kept neighbours for the cells around this one
         reuse = (self._neighbors is not None and self._neighbors_key == key and not first_stress
                  and qeq_unroll.neighbors.serves(self._neighbors, self._neighbors_cell, self._neighbors_strain, cell))  # fmt: skip
 
@@ -318,7 +316,7 @@ class QEqCalculator(Calculator):
                 self._neighbors = qeq_unroll.neighbors.stackable(self._energy.neighbors(
                     system, self.qeq_params, skin=self.parameters.skin, layout=self.parameters.neighbor_layout,
                     limits=self.limits, capacity_multiplier=multiplier, strain=strain,
-                ), like=previous, headroom=CELL_CHANGE_HEADROOM if previous is not None or wants_stress else 1.0)
+                ), like=previous, headroom=CELL_CHANGE_HEADROOM if previous is not None else 1.0)
                 self._neighbors_key, self._neighbors_cell, self._neighbors_strain = key, cell.copy(), strain
             # a list just built is current, and image lists never change with the positions
             listed = isinstance(self._neighbors.pairs, qeq_unroll.NeighborList)

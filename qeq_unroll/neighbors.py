@@ -423,18 +423,19 @@ def _padded(needed: int, before: int, headroom: float) -> int:
 
 def stackable(nbrs: Neighbors, like: Neighbors | None = None, headroom: float = 1.0) -> Neighbors:
     """``nbrs`` with its lattice translations and Ewald reciprocal vectors padded to size buckets
-    (``system.size_bucket`` of ``headroom`` times their number), or to the sizes of ``like``
-    (earlier neighbours of the same structure) where they fit, so that the neighbours of similar cells
-    have one shape: they stack into a batch (fitting), and a cell that changes (relaxation) keeps
-    the compiled functions. The interactions
-    are unchanged: the extra translations lie ``FAR_SHIFT`` cells away, beyond every cutoff, and the
-    extra Miller indices are (0, 0, 0), which the reciprocal sum skips. Neighbour lists and PME
-    meshes are left as they are."""
+    (``system.size_bucket`` of their number; of ``headroom`` times it for the reciprocal vectors,
+    whose number follows the cell volume, while translations change in whole shells), or to the
+    sizes of ``like`` (earlier neighbours of the same structure) where they fit, so that the
+    neighbours of similar cells have one shape: they stack into a batch (fitting), and a cell that
+    changes (relaxation) keeps the compiled functions. The interactions are unchanged: the extra
+    translations lie ``FAR_SHIFT`` cells away, beyond every cutoff, and the extra Miller indices
+    are (0, 0, 0), which the reciprocal sum skips. Neighbour lists and PME meshes are left as they
+    are."""
     pairs, reciprocal = nbrs.pairs, nbrs.reciprocal
     if isinstance(pairs, ImageList):
         shifts = np.asarray(pairs.shifts)
         before = like.pairs.shifts.shape[0] if like is not None and isinstance(like.pairs, ImageList) else 0
-        extra = _padded(len(shifts), before, headroom) - len(shifts)
+        extra = _padded(len(shifts), before, 1.0) - len(shifts)
         far = np.tile([[FAR_SHIFT, 0.0, 0.0]], (extra, 1))
         pairs = dataclasses.replace(pairs, shifts=jnp.asarray(np.concatenate([shifts, far]), dtype=pairs.shifts.dtype))
     if isinstance(reciprocal, ewald.Reciprocal):
